@@ -1,0 +1,5 @@
+"""mirror: a PyPI mirror daemon on trio."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

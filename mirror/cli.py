@@ -1,0 +1,118 @@
+"""Command line: ``mirror sync``, and the other subcommands as they arrive.
+
+``main`` maps every ``MirrorError`` to its exit code and a one-line message;
+a traceback is reserved for real bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mirror import __version__
+from mirror.config import Config, load_config
+from mirror.errors import MirrorError, SyncIncomplete
+from mirror.lock import DirectoryLock
+from mirror.metrics import Metrics
+from mirror.state import State
+from mirror.sync import CycleReport, Syncer
+from mirror.tree import Tree
+from mirror.upstream import open_client
+
+log = logging.getLogger("mirror")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        # journald stamps every line itself.
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+    # httpx logs every request at INFO; that is our debug level.
+    logging.getLogger("httpx").setLevel(logging.WARNING if level.upper() != "DEBUG" else logging.DEBUG)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+async def run_sync(cfg: Config, *, metrics: Metrics) -> CycleReport:
+    directory = cfg.mirror.directory
+    tree = Tree(directory)
+    removed = await trio.to_thread.run_sync(tree.prepare)
+    if removed:
+        log.info("removed %d temp file(s) left by an interrupted run", removed)
+    state = State.open(directory / "state")
+    try:
+        async with open_client(cfg.upstream, workers=cfg.mirror.workers, version=__version__) as client:
+            syncer = Syncer(cfg, client=client, state=state, tree=tree, metrics=metrics)
+            return await syncer.sync_once()
+    finally:
+        state.close()
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    metrics = Metrics()
+    with DirectoryLock(cfg.mirror.directory / "state" / "lock"):
+        started = time.monotonic()
+        try:
+            report = trio.run(lambda: run_sync(cfg, metrics=metrics))
+        finally:
+            if args.metrics_textfile:
+                metrics.write_textfile(Path(args.metrics_textfile))
+    log.info("sync done in %.2fs: %s", time.monotonic() - started, report.summary())
+    if report.failed:
+        raise SyncIncomplete(report.failed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mirror", description="A PyPI mirror that publishes a verified static tree.")
+    p.add_argument("--version", action="version", version=f"mirror {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sync", help="run one sync cycle and exit")
+    s.add_argument("--config", "-c", required=True, help="path to mirror.toml")
+    s.add_argument("--metrics-textfile", help="write metrics for node_exporter's textfile collector")
+    s.set_defaults(func=cmd_sync)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return int(args.func(args))
+    except MirrorError as e:
+        log.error("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130

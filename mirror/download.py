@@ -1,0 +1,178 @@
+"""Download one file into a temp file and prove it is the file upstream promised.
+
+A ``Downloader`` never touches a final path: it returns a ``Verified`` temp
+file (size and sha256 checked, fsynced) and the caller hands it to
+``Tree.commit_file``.  Bytes are hashed while they stream; reading stops at
+``size + 1`` so an upstream cannot fill the disk with an oversized body.
+
+Concurrency is bounded by a shared ``trio.CapacityLimiter`` held for one
+attempt (not across backoff sleeps).  Disk writes take one thread hop per
+megabyte-sized batch, so a typical 40 KB file costs a single hop for
+write + fsync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+import trio
+
+from mirror.config import UpstreamConfig
+from mirror.errors import DiskError, DownloadError, HashMismatch, SizeMismatch
+from mirror.metrics import Metrics
+from mirror.tree import Tree, disk_error
+
+log = logging.getLogger(__name__)
+
+FLUSH_BYTES = 1 << 20
+# Total time allowed per attempt: the request timeout plus the file at a
+# pessimistic 64 KB/s, so a stalled-but-trickling upstream is cut off.
+MIN_RATE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Verified:
+    tmp: Path
+    size: int
+    sha256: str
+
+
+class _Sink:
+    """Temp file writer whose blocking calls run in worker threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f: BinaryIO | None = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+
+    def _write(self, chunks: list[bytes], final: bool) -> None:
+        if self.f is None:
+            self.f = open(self.path, "wb")
+        for c in chunks:
+            self.f.write(c)
+        if final:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+
+    async def add(self, chunk: bytes) -> None:
+        self.pending.append(chunk)
+        self.pending_bytes += len(chunk)
+        if self.pending_bytes >= FLUSH_BYTES:
+            chunks, self.pending, self.pending_bytes = self.pending, [], 0
+            await trio.to_thread.run_sync(self._write, chunks, False)
+
+    async def finish(self) -> None:
+        chunks, self.pending = self.pending, []
+        await trio.to_thread.run_sync(self._write, chunks, True)
+
+    def close(self) -> None:
+        if self.f is not None and not self.f.closed:
+            self.f.close()
+
+
+class Downloader:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        tree: Tree,
+        *,
+        cfg: UpstreamConfig,
+        metrics: Metrics,
+        limiter: trio.CapacityLimiter,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = trio.sleep,
+    ) -> None:
+        self.client = client
+        self.tree = tree
+        self.cfg = cfg
+        self.metrics = metrics
+        self.limiter = limiter
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+
+    async def fetch(self, url: str, *, sha256: str | None, size: int | None) -> Verified:
+        """Download ``url`` to a verified temp file, retrying transient faults.
+
+        ``sha256=None`` (PEP 658 ``true`` without a hash) means: accept and
+        report the digest we computed."""
+        last: DownloadError | None = None
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                step = min(self.cfg.max_backoff, self.cfg.backoff * 2 ** (attempt - 1))
+                await self.sleep(step * (0.5 + self.rng.random()))
+            try:
+                async with self.limiter:
+                    return await self._attempt(url, sha256=sha256, size=size)
+            except DiskError:
+                self.metrics.download_errors.labels("disk").inc()
+                raise
+            except DownloadError as e:
+                self.metrics.download_errors.labels(e.reason).inc()
+                log.debug("download %s failed (attempt %d): %s", url, attempt + 1, e)
+                last = e
+                if e.reason == "http_status" and e.detail in ("HTTP 404", "HTTP 410", "HTTP 403") and attempt >= 1:
+                    break  # gone; do not hammer
+        assert last is not None
+        raise last
+
+    async def _attempt(self, url: str, *, sha256: str | None, size: int | None) -> Verified:
+        tmp = self.tree.new_temp()
+        sink = _Sink(tmp)
+        ok = False
+        deadline = self.cfg.timeout + (size or 0) / MIN_RATE
+        try:
+            with trio.move_on_after(deadline) as scope:
+                result = await self._stream(url, sink, sha256=sha256, size=size)
+                ok = True
+                return result
+            raise DownloadError(url, "timeout", f"no complete body within {deadline:.0f}s")
+        except OSError as e:
+            raise disk_error(e, f"writing temp file for {url}") from None
+        finally:
+            if not ok:
+                sink.close()
+                # Shielded so a cancelled download still removes its temp.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.tree.discard, tmp)
+            del scope
+
+    async def _stream(self, url: str, sink: _Sink, *, sha256: str | None, size: int | None) -> Verified:
+        h = hashlib.sha256()
+        n = 0
+        try:
+            async with self.client.stream("GET", url) as r:
+                self.metrics.upstream_requests.labels("file").inc()
+                if r.status_code != 200:
+                    raise DownloadError(url, "http_status", f"HTTP {r.status_code}")
+                async for chunk in r.aiter_bytes(256 * 1024):
+                    n += len(chunk)
+                    if size is not None and n > size:
+                        # Stop at size + 1: never store more than promised.
+                        raise SizeMismatch(url, size, n)
+                    h.update(chunk)
+                    await sink.add(chunk)
+        except httpx.TimeoutException as e:
+            raise DownloadError(url, "timeout", type(e).__name__) from None
+        except httpx.RemoteProtocolError as e:
+            raise DownloadError(url, "truncated", str(e)[:200]) from None
+        except httpx.TransportError as e:
+            raise DownloadError(url, "connection", f"{type(e).__name__}: {e}"[:200]) from None
+        if size is not None and n < size:
+            raise DownloadError(url, "truncated", f"got {n} of {size} bytes")
+        digest = h.hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise HashMismatch(url, sha256, digest)
+        await sink.finish()
+        self.metrics.files_downloaded.inc()
+        self.metrics.bytes_downloaded.inc(n)
+        return Verified(sink.path, n, digest)

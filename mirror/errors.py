@@ -1,0 +1,134 @@
+"""The exception tree of `mirror`.
+
+    MirrorError                      base; carries an exit code for the CLI
+    ├── ConfigError                  bad or unreadable config (exit 2)
+    ├── LockHeld                     another instance owns the directory (exit 3)
+    ├── UpstreamError                the upstream misbehaved (exit 4 if fatal)
+    │   ├── UpstreamUnavailable      connection failures, 5xx after retries
+    │   ├── MalformedResponse        unparsable JSON / HTML / XML-RPC, oversize page
+    │   ├── UnsupportedAPIVersion    PEP 691 api-version with a higher major
+    │   ├── StalePage                served serial below the one the feed promised
+    │   └── ProjectNotFound          404 for a project page
+    ├── UnsafeInput                  upstream data that must never touch the disk
+    │   ├── UnsafeName               project name that is not a PEP 508 name
+    │   ├── UnsafePath               file path / filename that could escape web/
+    │   └── UnsafeURL                scheme other than http(s), or plain http refused
+    ├── DownloadError(url, reason)   one file failed; ``reason`` is the metric label
+    │   ├── HashMismatch(url, expected, actual)
+    │   └── SizeMismatch(url, expected, actual)
+    ├── DiskError                    ENOSPC / EROFS / EIO while writing (exit 5)
+    └── SyncIncomplete(failed)       some projects were deferred (exit 1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class MirrorError(Exception):
+    exit_code = 1
+
+
+class ConfigError(MirrorError):
+    exit_code = 2
+
+
+class LockHeld(MirrorError):
+    exit_code = 3
+
+    def __init__(self, path: str, pid: str) -> None:
+        super().__init__(f"{path} is locked by another mirror process (pid {pid or 'unknown'})")
+        self.path = path
+        self.pid = pid
+
+
+class UpstreamError(MirrorError):
+    exit_code = 4
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class MalformedResponse(UpstreamError):
+    pass
+
+
+class UnsupportedAPIVersion(UpstreamError):
+    pass
+
+
+class StalePage(UpstreamError):
+    def __init__(self, name: str, expected: int, got: int | None) -> None:
+        super().__init__(f"{name}: upstream served serial {got}, feed promised {expected}")
+        self.name = name
+        self.expected = expected
+        self.got = got
+
+
+class ProjectNotFound(UpstreamError):
+    pass
+
+
+class UnsafeInput(MirrorError):
+    pass
+
+
+class UnsafeName(UnsafeInput):
+    pass
+
+
+class UnsafePath(UnsafeInput):
+    pass
+
+
+class UnsafeURL(UnsafeInput):
+    pass
+
+
+DOWNLOAD_REASONS = (
+    "http_status",
+    "connection",
+    "truncated",
+    "hash_mismatch",
+    "size_mismatch",
+    "timeout",
+    "disk",
+)
+
+
+class DownloadError(MirrorError):
+    def __init__(self, url: str, reason: str, detail: str = "") -> None:
+        assert reason in DOWNLOAD_REASONS, reason
+        super().__init__(f"{url}: {reason}{': ' + detail if detail else ''}")
+        self.url = url
+        self.reason = reason
+        self.detail = detail
+
+
+class HashMismatch(DownloadError):
+    def __init__(self, url: str, expected: str, actual: str) -> None:
+        super().__init__(url, "hash_mismatch", f"expected sha256 {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class SizeMismatch(DownloadError):
+    def __init__(self, url: str, expected: int, actual: int) -> None:
+        super().__init__(url, "size_mismatch", f"expected {expected} bytes, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class DiskError(MirrorError):
+    exit_code = 5
+
+
+class SyncIncomplete(MirrorError):
+    exit_code = 1
+
+    def __init__(self, failed: Mapping[str, str]) -> None:
+        names = ", ".join(sorted(failed)[:20])
+        more = f" (+{len(failed) - 20} more)" if len(failed) > 20 else ""
+        super().__init__(f"{len(failed)} project(s) deferred to the next run: {names}{more}")
+        self.failed = dict(failed)

@@ -1,0 +1,79 @@
+"""Every metric `mirror` exports, on an injected ``CollectorRegistry``.
+
+Names follow Prometheus conventions: ``mirror_`` prefix, unit suffixes,
+counters end in ``_total``; labelled counters have every label value created
+up front so dashboards see zeros rather than gaps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from mirror import __version__
+from mirror.errors import DOWNLOAD_REASONS
+
+REJECT_KINDS = ("name", "path", "url", "api_version", "malformed", "oversize")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.upstream_serial = Gauge("mirror_upstream_serial", "Last serial reported by the upstream feed.", registry=r)
+        self.synced_serial = Gauge("mirror_synced_serial", "Serial up to which everything is published.", registry=r)
+        self.serial_lag = Gauge("mirror_serial_lag", "upstream_serial - synced_serial.", registry=r)
+        self.last_success = Gauge(
+            "mirror_last_success_timestamp_seconds", "Unix time of the last cycle that published without failures.", registry=r
+        )
+        self.cycle_duration = Histogram(
+            "mirror_cycle_duration_seconds",
+            "Wall time of one sync cycle.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, float("inf")),
+            registry=r,
+        )
+        self.cycles = Counter("mirror_cycles_total", "Sync cycles by outcome.", ["outcome"], registry=r)
+        for o in ("ok", "partial", "error"):
+            self.cycles.labels(o)
+        self.files_downloaded = Counter("mirror_files_downloaded_total", "Files downloaded and verified.", registry=r)
+        self.bytes_downloaded = Counter("mirror_bytes_downloaded_total", "Bytes of verified files downloaded.", registry=r)
+        self.download_errors = Counter(
+            "mirror_download_errors_total", "Failed download attempts by reason.", ["reason"], registry=r
+        )
+        for reason in DOWNLOAD_REASONS:
+            self.download_errors.labels(reason)
+        self.stale_pages = Counter(
+            "mirror_stale_pages_total", "Project pages served with a serial below the one the feed promised.", registry=r
+        )
+        self.rejected = Counter(
+            "mirror_upstream_rejected_total", "Upstream names, paths, URLs or pages refused as unsafe or malformed.",
+            ["kind"], registry=r,
+        )
+        for kind in REJECT_KINDS:
+            self.rejected.labels(kind)
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests_total", "HTTP requests sent upstream, by kind.", ["kind"], registry=r
+        )
+        for kind in ("feed", "page", "file"):
+            self.upstream_requests.labels(kind)
+        self.projects_pending = Gauge("mirror_projects_pending", "Projects waiting to be synced.", registry=r)
+        self.projects_failed = Gauge("mirror_projects_failed", "Projects deferred after failures.", registry=r)
+        self.projects = Gauge("mirror_projects", "Projects published in the root index.", registry=r)
+        self.pending_retirement = Gauge(
+            "mirror_files_pending_retirement", "Unreferenced files waiting for the grace period.", registry=r
+        )
+        self.tree_files = Gauge("mirror_tree_files", "Verified files in the tree.", registry=r)
+        self.tree_bytes = Gauge("mirror_tree_bytes", "Bytes of verified files in the tree.", registry=r)
+        self.up = Gauge("mirror_up", "1 while the mirror process runs.", registry=r)
+        self.info = Info("mirror", "Version of the mirror software.", registry=r)
+        self.info.info({"version": __version__})
+
+    def write_textfile(self, path: Path) -> None:
+        """Atomic write for node_exporter's textfile collector."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(generate_latest(self.registry))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)

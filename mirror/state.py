@@ -1,0 +1,299 @@
+"""The mirror's memory: one SQLite database in WAL mode under ``state/``.
+
+Tables
+  meta      key/value: feed position (``serial``), root ETag, counters
+  projects  every published project: display name, serial, page digest,
+            and a compressed copy of the upstream snapshot (so a filter change
+            can be replayed without asking upstream again)
+  files     every file present under ``web/`` that we verified (path, size,
+            sha256).  A row exists only after the file was renamed into place.
+  refs      which project page references which path
+  todo      projects the feed says changed and that are not yet published,
+            with the serial the feed promised; deferred ones stay here
+  retire    paths no page references any more, with the time that happened
+  gone      projects whose pages must be deleted once the root index no
+            longer lists them
+
+Only the trio thread touches the connection.  Every method is one short
+transaction; none of them reads a whole table into memory except through
+generators that page with ``LIMIT``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, RootEntry, Serial
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS projects(
+    name TEXT PRIMARY KEY, display TEXT NOT NULL, serial INTEGER NOT NULL,
+    page_sha256 TEXT NOT NULL, snapshot BLOB);
+CREATE TABLE IF NOT EXISTS files(path TEXT PRIMARY KEY, size INTEGER NOT NULL, sha256 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS refs(project TEXT NOT NULL, path TEXT NOT NULL, PRIMARY KEY(project, path)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refs_path ON refs(path);
+CREATE TABLE IF NOT EXISTS todo(
+    name TEXT PRIMARY KEY, serial INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT, display TEXT);
+CREATE TABLE IF NOT EXISTS retire(path TEXT PRIMARY KEY, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS gone(name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS totals(id INTEGER PRIMARY KEY CHECK (id = 0), files INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals(id, files, bytes) VALUES(0, 0, 0);
+"""
+
+
+def encode_snapshot(snap: ProjectSnapshot) -> bytes:
+    d = asdict(snap)
+    d.pop("rejected", None)
+    return zlib.compress(json.dumps(d, separators=(",", ":")).encode(), 6)
+
+
+def decode_snapshot(blob: bytes) -> ProjectSnapshot:
+    d = json.loads(zlib.decompress(blob))
+    files = tuple(ReleaseFile(**f) for f in d.pop("files"))
+    d["versions"] = tuple(d["versions"])
+    return ProjectSnapshot(files=files, **d)
+
+
+class State:
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, state_dir: Path) -> State:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / "mirror.sqlite3"
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash; a power cut may lose
+        # the last commits, which only makes us redo work (files found on disk
+        # are adopted after a hash check).
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(_SCHEMA)
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version == 0:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return cls(db, path)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta -------------------------------------------------------------
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else str(row[0])
+
+    def set_meta(self, **values: str | int | float) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                [(k, str(v)) for k, v in values.items()],
+            )
+
+    @property
+    def serial(self) -> Serial:
+        """The feed position: every event up to here is published or in todo."""
+        return Serial(int(self.meta("serial", "0") or 0))
+
+    def synced_serial(self) -> Serial:
+        """The highest serial up to which everything is published."""
+        row = self.db.execute("SELECT MIN(serial) FROM todo").fetchone()
+        if row[0] is None:
+            return self.serial
+        return Serial(min(self.serial, int(row[0]) - 1))
+
+    # -- todo -------------------------------------------------------------
+    def add_todo(
+        self, targets: Mapping[str, int], *, position: int | None = None,
+        display: Mapping[str, str] | None = None, **meta: str | int,
+    ) -> None:
+        """Record what the feed promised, and the new feed position, atomically.
+
+        ``display`` keeps the project's display name (pages only carry the
+        normalized one) for the root index."""
+        display = display or {}
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO todo(name, serial, display) VALUES(?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET serial=MAX(serial, excluded.serial), "
+                "display=COALESCE(excluded.display, display)",
+                [(n, s, display.get(n)) for n, s in targets.items()],
+            )
+            values: dict[str, str | int] = dict(meta)
+            if position is not None:
+                values["serial"] = position
+            self.db.executemany(
+                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                [(k, str(v)) for k, v in values.items()],
+            )
+
+    def iter_todo(self, batch: int = 1000) -> Iterator[tuple[NormalizedName, Serial]]:
+        after = ""
+        while True:
+            rows = self.db.execute(
+                "SELECT name, serial FROM todo WHERE name > ? ORDER BY name LIMIT ?", (after, batch)
+            ).fetchall()
+            if not rows:
+                return
+            for name, serial in rows:
+                yield NormalizedName(name), Serial(serial)
+            after = rows[-1][0]
+
+    def display_name(self, name: str) -> str | None:
+        """The display name the feed gave, else the one we published."""
+        row = self.db.execute(
+            "SELECT display FROM todo WHERE name=? AND display IS NOT NULL "
+            "UNION ALL SELECT display FROM projects WHERE name=?", (name, name)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def todo_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM todo").fetchone()[0])
+
+    def defer(self, name: str, error: str) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE todo SET attempts=attempts+1, last_error=? WHERE name=?", (error[:2000], name)
+            )
+
+    def failures(self) -> list[tuple[str, int, int, str]]:
+        return [
+            (str(n), int(s), int(a), str(e))
+            for n, s, a, e in self.db.execute(
+                "SELECT name, serial, attempts, last_error FROM todo WHERE attempts > 0 ORDER BY name"
+            )
+        ]
+
+    # -- projects ---------------------------------------------------------
+    def project(self, name: str) -> tuple[Serial, str] | None:
+        row = self.db.execute("SELECT serial, page_sha256 FROM projects WHERE name=?", (name,)).fetchone()
+        return None if row is None else (Serial(row[0]), str(row[1]))
+
+    def project_serials(self) -> Iterator[tuple[NormalizedName, Serial]]:
+        for name, serial in self.db.execute("SELECT name, serial FROM projects"):
+            yield NormalizedName(name), Serial(serial)
+
+    def snapshot(self, name: str) -> ProjectSnapshot | None:
+        row = self.db.execute("SELECT snapshot FROM projects WHERE name=?", (name,)).fetchone()
+        return None if row is None or row[0] is None else decode_snapshot(row[0])
+
+    def refs(self, name: str) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT path FROM refs WHERE project=?", (name,))}
+
+    def known_files(self, paths: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """path -> (size, sha256) for the given paths that are in the tree."""
+        out: dict[str, tuple[int, str]] = {}
+        chunk: list[str] = []
+        for p in paths:
+            chunk.append(p)
+            if len(chunk) == 500:
+                out.update(self._known(chunk))
+                chunk = []
+        if chunk:
+            out.update(self._known(chunk))
+        return out
+
+    def _known(self, chunk: Sequence[str]) -> dict[str, tuple[int, str]]:
+        q = "SELECT path, size, sha256 FROM files WHERE path IN (%s)" % ",".join("?" * len(chunk))
+        return {p: (int(s), str(h)) for p, s, h in self.db.execute(q, list(chunk))}
+
+    def record_file(self, path: str, size: int, sha256: str) -> None:
+        """Called right after the file was renamed into place."""
+        with self.db:
+            row = self.db.execute("SELECT size FROM files WHERE path=?", (path,)).fetchone()
+            self.db.execute(
+                "UPDATE totals SET files=files+?, bytes=bytes+? WHERE id=0",
+                (0 if row else 1, size - (row[0] if row else 0)),
+            )
+            self.db.execute(
+                "INSERT INTO files(path, size, sha256) VALUES(?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256",
+                (path, size, sha256),
+            )
+            # A path that is back in use is no longer up for retirement.
+            self.db.execute("DELETE FROM retire WHERE path=?", (path,))
+
+    def publish_project(
+        self,
+        snap: ProjectSnapshot,
+        *,
+        upstream: ProjectSnapshot,
+        page_sha256: str,
+        refs: set[str],
+        now: float | None = None,
+    ) -> list[str]:
+        """Record a published page; return the paths that became unreferenced."""
+        now = time.time() if now is None else now
+        serial = snap.serial or 0
+        with self.db:
+            old = {r[0] for r in self.db.execute("SELECT path FROM refs WHERE project=?", (snap.name,))}
+            self.db.execute(
+                "INSERT INTO projects(name, display, serial, page_sha256, snapshot) VALUES(?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET display=excluded.display, serial=excluded.serial, "
+                "page_sha256=excluded.page_sha256, snapshot=excluded.snapshot",
+                (snap.name, snap.display_name, serial, page_sha256, encode_snapshot(upstream)),
+            )
+            dropped = old - refs
+            added = refs - old
+            self.db.executemany("DELETE FROM refs WHERE project=? AND path=?", [(snap.name, p) for p in dropped])
+            self.db.executemany("INSERT INTO refs(project, path) VALUES(?, ?)", [(snap.name, p) for p in added])
+            self.db.executemany("DELETE FROM retire WHERE path=?", [(p,) for p in added])
+            orphans = self._orphans(dropped, now)
+            self.db.execute("DELETE FROM todo WHERE name=? AND serial<=?", (snap.name, serial))
+            self.db.execute("DELETE FROM gone WHERE name=?", (snap.name,))
+        return orphans
+
+    def remove_project(self, name: str, *, now: float | None = None) -> list[str]:
+        """Forget a project; its page goes to ``gone`` until the root is rewritten."""
+        now = time.time() if now is None else now
+        with self.db:
+            old = {r[0] for r in self.db.execute("SELECT path FROM refs WHERE project=?", (name,))}
+            existed = self.db.execute("DELETE FROM projects WHERE name=?", (name,)).rowcount
+            self.db.execute("DELETE FROM refs WHERE project=?", (name,))
+            orphans = self._orphans(old, now)
+            self.db.execute("DELETE FROM todo WHERE name=?", (name,))
+            if existed:
+                self.db.execute("INSERT OR IGNORE INTO gone(name) VALUES(?)", (name,))
+        return orphans
+
+    def _orphans(self, candidates: Iterable[str], now: float) -> list[str]:
+        orphans = [
+            p for p in candidates
+            if self.db.execute("SELECT 1 FROM refs WHERE path=? LIMIT 1", (p,)).fetchone() is None
+        ]
+        self.db.executemany("INSERT OR IGNORE INTO retire(path, since) VALUES(?, ?)", [(p, now) for p in orphans])
+        return orphans
+
+    def gone(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM gone ORDER BY name")]
+
+    def clear_gone(self, names: Iterable[str]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM gone WHERE name=?", [(n,) for n in names])
+
+    def root_entries(self) -> Iterator[RootEntry]:
+        for name, display, serial in self.db.execute("SELECT name, display, serial FROM projects ORDER BY name"):
+            yield RootEntry(NormalizedName(name), display, Serial(serial))
+
+    def project_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM projects").fetchone()[0])
+
+    # -- retirement -------------------------------------------------------
+    def retire_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM retire").fetchone()[0])
+
+    def tree_totals(self) -> tuple[int, int]:
+        """(files, bytes) in the tree, kept as running totals: O(1) at any size."""
+        n, b = self.db.execute("SELECT files, bytes FROM totals WHERE id=0").fetchone()
+        return int(n), int(b)

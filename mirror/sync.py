@@ -1,0 +1,365 @@
+"""One sync cycle: feed -> plan -> download -> publish -> commit.
+
+Theory of operation
+-------------------
+1. *Feed.*  The changelog (or the root index diff) names the projects that
+   changed and the serial each must reach.  They go into the ``todo`` table
+   together with the new feed position, in one transaction: from then on a
+   crash loses nothing, the next run simply finds them in ``todo``.
+2. *Projects.*  ``workers`` tasks take projects from ``todo`` (including ones
+   deferred by earlier runs).  Each fetches the page (stale pages are retried
+   with cache busting, then deferred), plans, downloads the missing files
+   concurrently through the shared ``CapacityLimiter``, commits each verified
+   file into the tree and records it, and only then writes the project's
+   pages and updates ``projects``/``refs``.  A failing project is deferred
+   (kept in ``todo`` with its error) and never blocks the others.
+3. *Root.*  When any project was published or removed, the root index is
+   rewritten from ``projects``, after every page it links exists; pages of
+   removed projects are deleted after that, so the root never links a page
+   that is gone.
+4. *Serial.*  ``last-modified`` and the synced serial come last.
+
+A disk error (ENOSPC, EROFS) aborts the whole cycle: nothing partial is
+visible because every write is a rename of a complete, fsynced file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import httpx
+import trio
+
+from mirror import planner, render
+from mirror.config import Config
+from mirror.download import Downloader
+from mirror.errors import (
+    DiskError,
+    DownloadError,
+    MalformedResponse,
+    ProjectNotFound,
+    UnsafeInput,
+    UnsupportedAPIVersion,
+    UpstreamError,
+)
+from mirror.metrics import Metrics
+from mirror.model import NormalizedName, ProjectSnapshot, Serial
+from mirror.state import State
+from mirror.tree import Tree
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleReport:
+    started: float = 0.0
+    duration: float = 0.0
+    upstream_serial: int | None = None
+    serial: int = 0
+    synced_serial: int = 0
+    projects_synced: int = 0
+    projects_removed: int = 0
+    pages_written: int = 0
+    files_downloaded: int = 0
+    bytes_downloaded: int = 0
+    files_retired: int = 0
+    root_written: bool = False
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.pages_written or self.projects_removed or self.root_written)
+
+    def summary(self) -> str:
+        return (
+            f"serial {self.synced_serial} (upstream {self.upstream_serial}), "
+            f"{self.projects_synced} project(s) synced, {self.projects_removed} removed, "
+            f"{self.files_downloaded} file(s) / {self.bytes_downloaded / 1e6:.1f} MB downloaded, "
+            f"{len(self.failed)} deferred, {self.duration:.2f}s"
+        )
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class Syncer:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        client: httpx.AsyncClient,
+        state: State,
+        tree: Tree,
+        metrics: Metrics,
+        progress: Progress | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.tree = tree
+        self.metrics = metrics
+        self.upstream = Upstream(client, cfg.upstream, metrics=metrics)
+        self.limiter = trio.CapacityLimiter(cfg.mirror.workers)
+        self.downloader = Downloader(client, tree, cfg=cfg.upstream, metrics=metrics, limiter=self.limiter)
+        self.progress = progress
+
+    # -- feed -----------------------------------------------------------------
+    async def read_feed(self, report: CycleReport) -> None:
+        feed = self.cfg.upstream.feed
+        if feed in ("changelog", "auto"):
+            try:
+                await self._read_changelog(report)
+                return
+            except (UpstreamError,) as e:
+                if feed == "changelog" or isinstance(e, UnsupportedAPIVersion):
+                    raise
+                log.warning("XML-RPC feed unavailable (%s); using the simple root index", e)
+        await self._read_root(report)
+
+    async def _read_changelog(self, report: CycleReport) -> None:
+        up = self.upstream
+        last = await up.changelog_last_serial()
+        report.upstream_serial = last
+        pos = self.state.serial
+        if pos == 0 and self.state.project_count() == 0:
+            # First sync: the journal from serial 0 is tens of millions of
+            # rows; the listing gives every project's serial in one call.
+            changes = planner.group_listing(await up.list_packages_with_serial())
+            position = max(changes.targets.values(), default=last)
+        elif last > pos:
+            events, position = await up.changelog_since(pos, until=last)
+            changes = planner.group_events(events)
+        else:
+            if last < pos:
+                log.warning("upstream serial %d is below our feed position %d; is this the same upstream?", last, pos)
+            return
+        self._reject_names(changes.rejected)
+        self.state.add_todo(changes.targets, position=max(pos, position), display=changes.display)
+        log.info("feed: %d project(s) changed between serial %d and %d", len(changes.targets), pos, position)
+
+    async def _read_root(self, report: CycleReport) -> None:
+        res = await self.upstream.root_index(self.state.meta("root_etag"))
+        if res is None:
+            report.upstream_serial = int(self.state.meta("upstream_serial", "0") or 0) or None
+            return
+        entries, serial, etag, rejected = res
+        self._reject_names(rejected)
+        targets, missing = planner.diff_root(entries, self.state.project_serials())
+        # A project missing from the root is confirmed by fetching its page
+        # (404 -> removed); serial 0 so a live page is never "stale".
+        for name in missing:
+            targets.setdefault(name, Serial(0))
+        position = serial if serial is not None else max((e.serial for e in entries), default=0)
+        report.upstream_serial = position
+        self.state.add_todo(targets, position=max(self.state.serial, position),
+                            display={e.name: e.display_name for e in entries if e.name in targets},
+                            root_etag=etag or "", upstream_serial=position)
+        log.info("root index: %d project(s) to sync, %d missing upstream", len(targets), len(missing))
+
+    def _reject_names(self, rejected: tuple[str, ...] | list[str]) -> None:
+        for name in rejected:
+            self.metrics.rejected.labels("name").inc()
+            log.warning("upstream: refused project name %s", name)
+
+    # -- projects -------------------------------------------------------------
+    async def sync_projects(self, report: CycleReport) -> None:
+        total = self.state.todo_count()
+        self.metrics.projects_pending.set(total)
+        send, recv = trio.open_memory_channel[tuple[NormalizedName, Serial]](0)
+        done = 0
+
+        async def worker(rx: trio.MemoryReceiveChannel[tuple[NormalizedName, Serial]]) -> None:
+            nonlocal done
+            async with rx:
+                async for name, serial in rx:
+                    await self.sync_project(name, serial, report)
+                    done += 1
+                    self.metrics.projects_pending.set(max(0, total - done))
+                    if self.progress:
+                        self.progress("projects", done, total)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, self.cfg.mirror.workers)):
+                nursery.start_soon(worker, recv.clone())
+            await recv.aclose()
+            async with send:
+                for item in self.state.iter_todo():
+                    await send.send(item)
+
+    async def sync_project(self, name: NormalizedName, promised: Serial, report: CycleReport) -> None:
+        try:
+            snap = await self.upstream.project_page(name, min_serial=promised)
+        except ProjectNotFound:
+            self._remove(name, report)
+            return
+        except (UpstreamError, UnsafeInput) as e:
+            if isinstance(e, (MalformedResponse, UnsupportedAPIVersion)):
+                self.metrics.rejected.labels("api_version" if isinstance(e, UnsupportedAPIVersion) else "malformed").inc()
+            self._defer(name, str(e), report)
+            return
+        for why in snap.rejected:
+            self.metrics.rejected.labels("path").inc()
+            log.warning("%s: refused a file entry from upstream: %s", name, why)
+        await self.publish_snapshot(snap, report)
+
+    async def publish_snapshot(self, upstream_snap: ProjectSnapshot, report: CycleReport) -> None:
+        name = upstream_snap.name
+        snap = upstream_snap
+        wanted = [p for f in snap.files for p in (f.path, f.metadata_path, f.provenance_path)]
+        present = self.state.known_files(wanted)
+        fetches = planner.plan_project(snap, present)
+        errors: list[str] = []
+        async with trio.open_nursery() as nursery:
+            for job in fetches:
+                nursery.start_soon(self._fetch, name, job, present, errors, report)
+        if errors:
+            self._defer(name, "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""), report)
+            return
+        published, refs = planner.finalize(snap, present)
+        shown = self.state.display_name(name)
+        if shown is not None and shown != published.display_name:
+            published = replace(published, display_name=shown)
+        page_json = render.project_json(published)
+        page_html = render.project_html(published)
+        digest = hashlib.sha256(page_json + b"\0" + page_html).hexdigest()
+        current = self.state.project(name)
+        pages: list[tuple[str, bytes]] = []
+        if current is None or current[1] != digest:
+            h, v1h, v1j = planner.page_paths(name)
+            pages = [(h, page_html), (v1h, page_html), (v1j, page_json)]
+        if self.cfg.mirror.json_api and (pages or current is None):
+            api = None
+            try:
+                api = await self.upstream.project_api_json(name)
+            except UpstreamError as e:
+                log.info("%s: JSON API unavailable (%s); writing a minimal document", name, e)
+            try:
+                pages.append((f"pypi/{name}/json", render.project_api_json(published, api)))
+            except ValueError:
+                pages.append((f"pypi/{name}/json", render.project_api_json(published, None)))
+        if pages:
+            await trio.to_thread.run_sync(self.tree.write_files, pages)
+            report.pages_written += 1
+        orphans = self.state.publish_project(published, upstream=upstream_snap, page_sha256=digest, refs=refs)
+        report.files_retired += len(orphans)
+        report.projects_synced += 1
+
+    async def _fetch(
+        self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
+        report: CycleReport,
+    ) -> None:
+        # A run killed between rename and state commit left the right bytes
+        # in place: adopt them after a hash check instead of downloading.
+        if job.sha256 is not None:
+            size = await trio.to_thread.run_sync(self.tree.adopt, job.rel, job.size, job.sha256)
+            if size is not None:
+                self.state.record_file(job.rel, size, job.sha256)
+                present[job.rel] = (size, job.sha256)
+                return
+        try:
+            v = await self.downloader.fetch(job.url, sha256=job.sha256, size=job.size)
+        except DownloadError as e:
+            if job.kind != "dist" and e.reason == "http_status" and e.detail in ("HTTP 404", "HTTP 410"):
+                # A missing sidecar is simply not advertised.
+                log.info("%s: %s not available upstream (%s)", name, job.filename, e.detail)
+                return
+            log.warning("%s: %s failed: %s", name, job.filename, e)
+            errors.append(f"{job.filename}: {e.reason}")
+            return
+        if job.kind == "provenance" and not await trio.to_thread.run_sync(_is_json_file, v.tmp):
+            await trio.to_thread.run_sync(self.tree.discard, v.tmp)
+            self.metrics.rejected.labels("malformed").inc()
+            log.warning("%s: provenance for %s is not valid JSON; not mirrored", name, job.filename[:-11])
+            return
+        await trio.to_thread.run_sync(self.tree.commit_file, v.tmp, job.rel)
+        self.state.record_file(job.rel, v.size, v.sha256)
+        present[job.rel] = (v.size, v.sha256)
+        report.files_downloaded += 1
+        report.bytes_downloaded += v.size
+
+    def _remove(self, name: NormalizedName, report: CycleReport) -> None:
+        orphans = self.state.remove_project(name)
+        report.files_retired += len(orphans)
+        report.projects_removed += 1
+        log.info("%s: removed upstream; unpublishing (%d file(s) to retire)", name, len(orphans))
+
+    def _defer(self, name: str, error: str, report: CycleReport) -> None:
+        self.state.defer(name, error)
+        report.failed[name] = error
+        log.warning("%s: deferred to the next run: %s", name, error)
+
+    # -- root and serial --------------------------------------------------------
+    async def publish_root(self, report: CycleReport) -> None:
+        gone = self.state.gone()
+        if not (report.projects_synced or report.projects_removed or gone):
+            return
+        serial = self.state.serial
+        root_html = render.root_html(self.state.root_entries())
+        root_json = render.root_json(self.state.root_entries(), serial=serial)
+        await trio.to_thread.run_sync(self.tree.write_files, [
+            ("simple/index.html", root_html),
+            ("simple/index.v1_html", root_html),
+            ("simple/index.v1_json", root_json),
+        ])
+        report.root_written = True
+        if gone:
+            paths = [p for n in gone for p in (*planner.page_paths(n), f"pypi/{n}/json")]
+            await trio.to_thread.run_sync(self.tree.remove, paths)
+            self.state.clear_gone(gone)
+
+    async def sync_once(self) -> CycleReport:
+        report = CycleReport(started=time.time())
+        t0 = trio.current_time()
+        await self.read_feed(report)
+        try:
+            await self.sync_projects(report)
+        finally:
+            # Even when a disk error aborts the cycle, projects published so
+            # far are listed in the root once the disk allows it.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.publish_root(report)
+                except DiskError as e:
+                    log.error("root index not written: %s", e)
+        if report.changed:
+            stamp = time.strftime("%Y%m%dT%H:%M:%S\n", time.gmtime()).encode()
+            await trio.to_thread.run_sync(self.tree.write_files, [("last-modified", stamp)])
+        report.serial = self.state.serial
+        report.synced_serial = self.state.synced_serial()
+        report.duration = trio.current_time() - t0
+        self.state.set_meta(synced_serial=report.synced_serial, last_cycle=report.started,
+                            **({"last_success": time.time()} if not report.failed else {}))
+        self.update_gauges(report)
+        return report
+
+    def update_gauges(self, report: CycleReport) -> None:
+        m = self.metrics
+        if report.upstream_serial is not None:
+            m.upstream_serial.set(report.upstream_serial)
+            m.serial_lag.set(max(0, report.upstream_serial - report.synced_serial))
+        m.synced_serial.set(report.synced_serial)
+        m.cycle_duration.observe(report.duration)
+        m.cycles.labels("partial" if report.failed else "ok").inc()
+        if not report.failed:
+            m.last_success.set(time.time())
+        m.projects_pending.set(self.state.todo_count())
+        m.projects_failed.set(len(self.state.failures()))
+        m.pending_retirement.set(self.state.retire_count())
+        files, nbytes = self.state.tree_totals()
+        m.tree_files.set(files)
+        m.tree_bytes.set(nbytes)
+        m.projects.set(self.state.project_count())
+
+
+def _is_json_file(path: object) -> bool:
+    try:
+        with open(path, "rb") as f:  # type: ignore[call-overload]
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,199 @@
+"""The only writer under ``web/``.
+
+Theory of operation
+-------------------
+Readers (nginx, pip, rsync secondaries) may look at ``web/`` at any instant,
+so every change is a ``rename(2)`` of a complete, fsynced file:
+
+* a file is written to ``state/tmp/`` (same filesystem, never inside
+  ``web/`` so rsync never copies a half-written temp), fsynced, then renamed
+  to its final path and the directory is fsynced;
+* pages are written the same way, a project's three pages in one go;
+* the caller orders the calls: files, then project pages, then the root
+  index, then the trace and serial.  This module gives each step atomicity;
+  ordering is the sync engine's job.
+
+Paths handed to this module are relative to ``web/`` and are validated again
+here (defence in depth: upstream data is untrusted).  Directories are created
+one component at a time and an existing component that is a symlink is
+refused, so no write ever follows a link out of the tree.
+
+Every method is synchronous and blocking: callers run one method per
+``trio.to_thread.run_sync`` hop.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from mirror.errors import DiskError, UnsafePath
+from mirror.model import safe_relpath
+
+log = logging.getLogger(__name__)
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+def disk_error(e: OSError, what: str) -> DiskError:
+    return DiskError(f"{what}: {os.strerror(e.errno) if e.errno else e}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Tree:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.web = directory / "web"
+        self.tmp = directory / "state" / "tmp"
+
+    def prepare(self) -> int:
+        """Create the layout and remove temp files a killed run left behind."""
+        try:
+            self.web.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            removed = 0
+            for entry in os.scandir(self.tmp):
+                if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                    os.unlink(entry.path)
+                    removed += 1
+            if os.stat(self.web).st_dev != os.stat(self.tmp).st_dev:
+                raise DiskError(f"{self.web} and {self.tmp} are on different filesystems; rename would not be atomic")
+        except OSError as e:
+            raise disk_error(e, f"preparing {self.directory}") from None
+        return removed
+
+    # -- temp files ---------------------------------------------------------
+    def new_temp(self, suffix: str = "") -> Path:
+        return self.tmp / f"{uuid.uuid4().hex}{suffix}.part"
+
+    def discard(self, tmp: Path) -> None:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # pragma: no cover - best effort
+            log.warning("could not remove temp file %s: %s", tmp, e)
+
+    # -- paths ------------------------------------------------------------
+    def path(self, rel: str) -> Path:
+        return self.web / safe_relpath(rel)
+
+    def _ensure_parent(self, rel: str) -> Path:
+        """Create the parents of ``rel`` under web/, refusing symlinks."""
+        parts = safe_relpath(rel).split("/")
+        cur = self.web
+        for part in parts[:-1]:
+            cur = cur / part
+            try:
+                os.mkdir(cur)
+                _fsync_dir(cur.parent)
+            except FileExistsError:
+                if cur.is_symlink() or not cur.is_dir():
+                    raise UnsafePath(f"{cur} exists and is not a plain directory") from None
+        return cur / parts[-1]
+
+    # -- commits ------------------------------------------------------------
+    def commit_file(self, tmp: Path, rel: str) -> None:
+        """Rename a verified, fsynced temp file to its final place."""
+        try:
+            dest = self._ensure_parent(rel)
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        except UnsafePath:
+            self.discard(tmp)
+            raise
+        except OSError as e:
+            self.discard(tmp)
+            raise disk_error(e, f"publishing {rel}") from None
+
+    def write_files(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Atomically replace each ``rel`` with its bytes (temp, fsync, rename).
+
+        All temps are written and fsynced before the first rename, so a full
+        disk leaves the old pages untouched.
+        """
+        temps: list[tuple[Path, str]] = []
+        try:
+            for rel, data in items:
+                tmp = self.new_temp()
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                temps.append((tmp, rel))
+            dirs: dict[Path, None] = {}
+            for tmp, rel in temps:
+                dest = self._ensure_parent(rel)
+                os.replace(tmp, dest)
+                dirs[dest.parent] = None
+            for d in dirs:
+                _fsync_dir(d)
+        except UnsafePath:
+            for tmp, _ in temps:
+                self.discard(tmp)
+            raise
+        except OSError as e:
+            for tmp, _ in temps:
+                self.discard(tmp)
+            raise disk_error(e, f"writing {items[0][0] if items else 'pages'}") from None
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return self.path(rel).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def adopt(self, rel: str, size: int | None, sha256: str) -> int | None:
+        """If ``rel`` already holds the right bytes (a run killed after the
+        rename but before the state commit), return its size."""
+        p = self.path(rel)
+        try:
+            st = os.lstat(p)
+            if not os.path.isfile(p) or os.path.islink(p) or (size is not None and st.st_size != size):
+                return None
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError:
+            return None
+        return st.st_size if h.hexdigest() == sha256 else None
+
+    def remove(self, rels: Iterable[str], *, prune: bool = True) -> int:
+        """Delete files and then any directories they leave empty."""
+        n = 0
+        parents: set[Path] = set()
+        for rel in rels:
+            p = self.path(rel)
+            try:
+                os.unlink(p)
+                n += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise disk_error(e, f"removing {rel}") from None
+            parents.add(p.parent)
+        if prune:
+            for d in sorted(parents, key=lambda x: len(x.parts), reverse=True):
+                self._prune(d)
+        return n
+
+    def _prune(self, d: Path) -> None:
+        while d != self.web and self.web in d.parents:
+            try:
+                os.rmdir(d)
+            except OSError:
+                return
+            d = d.parent

@@ -1,0 +1,509 @@
+"""The PyPI client: changelog feed, root index, project pages.
+
+I/O lives in ``Upstream`` (one injected ``httpx.AsyncClient``); everything
+that interprets bytes is a pure ``parse_*`` function, so hostile or malformed
+responses are tested without a network.  Upstream data is untrusted: names
+go through ``normalize_name``, file URLs through ``file_url`` and
+``file_relpath``; a bad file entry is dropped (and reported), a bad page is
+refused whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import xmlrpc.client
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import urljoin, urlsplit, urlunsplit
+from xml.parsers.expat import ExpatError
+
+import httpx
+import trio
+
+from mirror.config import UpstreamConfig
+from mirror.errors import (
+    MalformedResponse,
+    ProjectNotFound,
+    StalePage,
+    UnsafeInput,
+    UnsafeURL,
+    UnsupportedAPIVersion,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from mirror.metrics import Metrics
+from mirror.model import (
+    ChangeEvent,
+    NormalizedName,
+    ProjectSnapshot,
+    ReleaseFile,
+    RootEntry,
+    Serial,
+    file_relpath,
+    normalize_name,
+)
+
+log = logging.getLogger(__name__)
+
+JSON_TYPE = "application/vnd.pypi.simple.v1+json"
+ACCEPT = f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.1"
+SUPPORTED_MAJOR = 1
+SUPPORTED_MINOR = 4
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# -- pure parsing ---------------------------------------------------------------
+
+
+def check_api_version(version: object, *, where: str) -> str:
+    if version is None:
+        return "1.0"
+    if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
+        raise MalformedResponse(f"{where}: bad api-version {version!r}")
+    major, minor = (int(x) for x in version.split("."))
+    if major > SUPPORTED_MAJOR:
+        raise UnsupportedAPIVersion(f"{where}: api-version {version} has a major version above {SUPPORTED_MAJOR}; refusing it")
+    if major == SUPPORTED_MAJOR and minor > SUPPORTED_MINOR:
+        log.warning("%s: api-version %s is newer than %d.%d; unknown fields are ignored",
+                    where, version, SUPPORTED_MAJOR, SUPPORTED_MINOR)
+    return version
+
+
+def file_url(page_url: str, href: str, *, allow_http: bool) -> str:
+    """Absolute file URL without fragment; refuses any scheme but https (and http if allowed)."""
+    if not isinstance(href, str) or not href or "\x00" in href or "\\" in href:
+        raise UnsafeURL(f"bad file URL {href!r:.200}")
+    url = urljoin(page_url, href)
+    parts = urlsplit(url)
+    allowed = ("https", "http") if allow_http else ("https",)
+    if parts.scheme not in allowed or not parts.netloc:
+        raise UnsafeURL(f"refused file URL {url!r:.200} (scheme {parts.scheme!r})")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+
+
+def parse_changelog(rows: object) -> list[ChangeEvent]:
+    if not isinstance(rows, list):
+        raise MalformedResponse(f"changelog_since_serial returned {type(rows).__name__}, not a list")
+    events = []
+    for row in rows:
+        if (
+            not isinstance(row, (list, tuple)) or len(row) != 5
+            or not isinstance(row[0], str) or not isinstance(row[3], str)
+            or not isinstance(row[4], int) or isinstance(row[4], bool)
+        ):
+            raise MalformedResponse(f"bad changelog row {row!r:.200}")
+        name, version, ts, action, serial = row
+        events.append(ChangeEvent(name, version if isinstance(version, str) else None,
+                                  int(ts) if isinstance(ts, int) else 0, action, Serial(serial)))
+    return events
+
+
+def parse_root_json(body: bytes) -> tuple[list[RootEntry], Serial | None, list[str]]:
+    """Root PEP 691 index -> (entries, index serial, rejected names)."""
+    data = _load_json(body, where="root index")
+    if not isinstance(data, dict):
+        raise MalformedResponse("root index: not a JSON object")
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    check_api_version(meta.get("api-version"), where="root index")
+    serial = meta.get("_last-serial")
+    projects = data.get("projects")
+    if not isinstance(projects, list):
+        raise MalformedResponse("root index: 'projects' is not a list")
+    seen: dict[str, RootEntry] = {}
+    rejected = []
+    for p in projects:
+        name = p.get("name") if isinstance(p, dict) else None
+        try:
+            norm = normalize_name(name)  # type: ignore[arg-type]
+        except UnsafeInput:
+            rejected.append(repr(name)[:200])
+            continue
+        s = p.get("_last-serial", 0)
+        s = s if isinstance(s, int) and not isinstance(s, bool) and s >= 0 else 0
+        prev = seen.get(norm)
+        if prev is None or s > prev.serial:
+            seen[norm] = RootEntry(norm, str(name), Serial(s))
+    return list(seen.values()), Serial(serial) if isinstance(serial, int) else None, rejected
+
+
+def _load_json(body: bytes, *, where: str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise MalformedResponse(f"{where}: invalid JSON: {e}"[:300]) from None
+
+
+def _opt_str(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _metadata_flag(v: object) -> tuple[bool, str | None]:
+    """PEP 658/714 value -> (present, sha256 or None)."""
+    if isinstance(v, dict):
+        h = v.get("sha256")
+        return True, h.lower() if isinstance(h, str) and _SHA256.match(h.lower()) else None
+    return v is True, None
+
+
+def _make_file(
+    *, filename: object, href: object, page_url: str, sha256: object, size: object, requires_python: object,
+    yanked: object, upload_time: object, metadata: object, provenance: object, allow_http: bool,
+) -> ReleaseFile:
+    if not isinstance(filename, str):
+        raise UnsafeInput(f"filename {filename!r:.200} is not a string")
+    url = file_url(page_url, href, allow_http=allow_http)  # type: ignore[arg-type]
+    if not isinstance(sha256, str) or not _SHA256.match(sha256.lower()):
+        raise UnsafeInput(f"{filename}: no valid sha256 ({sha256!r:.100})")
+    sha = sha256.lower()
+    path = file_relpath(urlsplit(url).path, filename, sha)
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise UnsafeInput(f"{filename}: bad size {size!r:.50}")
+    md, md_sha = _metadata_flag(metadata)
+    prov = None
+    if isinstance(provenance, str) and provenance:
+        prov = file_url(page_url, provenance, allow_http=allow_http)
+    if isinstance(yanked, bool):
+        y: bool | str = yanked
+    elif isinstance(yanked, str):
+        y = yanked if yanked else True
+    else:
+        y = False
+    return ReleaseFile(
+        filename=filename, url=url, path=path, sha256=sha, size=size,
+        requires_python=_opt_str(requires_python), yanked=y, upload_time=_opt_str(upload_time),
+        core_metadata=md, core_metadata_sha256=md_sha, provenance=prov,
+    )
+
+
+def parse_project_json(
+    body: bytes, *, name: NormalizedName, page_url: str, header_serial: int | None, allow_http: bool
+) -> ProjectSnapshot:
+    data = _load_json(body, where=name)
+    if not isinstance(data, dict):
+        raise MalformedResponse(f"{name}: project page is not a JSON object")
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    api = check_api_version(meta.get("api-version"), where=name)
+    raw_name = data.get("name", name)
+    try:
+        if normalize_name(raw_name) != name:
+            raise MalformedResponse(f"{name}: page is for another project ({raw_name!r:.100})")
+    except UnsafeInput:
+        raise MalformedResponse(f"{name}: page carries an invalid name {raw_name!r:.100}") from None
+    files_raw = data.get("files")
+    if not isinstance(files_raw, list):
+        raise MalformedResponse(f"{name}: 'files' is not a list")
+    files, rejected = [], []
+    seen: set[str] = set()
+    for f in files_raw:
+        if not isinstance(f, dict):
+            rejected.append(f"file entry {f!r:.100} is not an object")
+            continue
+        hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
+        metadata = f.get("core-metadata", f.get("data-dist-info-metadata"))
+        try:
+            rf = _make_file(
+                filename=f.get("filename"), href=f.get("url"), page_url=page_url, sha256=hashes.get("sha256"),
+                size=f.get("size"), requires_python=f.get("requires-python"), yanked=f.get("yanked", False),
+                upload_time=f.get("upload-time"), metadata=metadata, provenance=f.get("provenance"),
+                allow_http=allow_http,
+            )
+        except UnsafeInput as e:
+            rejected.append(str(e))
+            continue
+        if rf.path in seen:
+            rejected.append(f"{rf.filename}: listed twice")
+            continue
+        seen.add(rf.path)
+        files.append(rf)
+    serial = header_serial if header_serial is not None else meta.get("_last-serial")
+    versions = data.get("versions")
+    status = data.get("project-status")
+    st = status.get("status") if isinstance(status, dict) else None
+    reason = status.get("reason") if isinstance(status, dict) else None
+    return ProjectSnapshot(
+        name=name,
+        display_name=raw_name if isinstance(raw_name, str) else name,
+        serial=Serial(serial) if isinstance(serial, int) and not isinstance(serial, bool) else None,
+        files=tuple(files),
+        versions=tuple(v for v in versions if isinstance(v, str)) if isinstance(versions, list) else (),
+        status=st if isinstance(st, str) else None,
+        status_reason=reason if isinstance(reason, str) else None,
+        api_version=api,
+        rejected=tuple(rejected),
+    )
+
+
+class _AnchorParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.anchors: list[tuple[dict[str, str | None], str]] = []
+        self.meta: dict[str, str] = {}
+        self._cur: dict[str, str | None] | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._cur, self._text = dict(attrs), []
+        elif tag == "meta":
+            d = dict(attrs)
+            if d.get("name") and d.get("content") is not None:
+                self.meta[str(d["name"])] = str(d["content"])
+
+    def handle_data(self, data: str) -> None:
+        if self._cur is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._cur is not None:
+            self.anchors.append((self._cur, "".join(self._text).strip()))
+            self._cur = None
+
+
+def parse_project_html(
+    body: bytes, *, name: NormalizedName, page_url: str, header_serial: int | None, allow_http: bool
+) -> ProjectSnapshot:
+    """A PEP 503 page (HTML-only upstreams).  Files without a sha256 are dropped:
+    we never publish what we cannot verify."""
+    p = _AnchorParser()
+    try:
+        p.feed(body.decode("utf-8", "replace"))
+        p.close()
+    except Exception as e:  # html.parser is lenient; this is belt and braces
+        raise MalformedResponse(f"{name}: unparsable HTML: {e}"[:300]) from None
+    api = check_api_version(p.meta.get("pypi:repository-version"), where=name)
+    files, rejected = [], []
+    seen: set[str] = set()
+    for attrs, text in p.anchors:
+        href = attrs.get("href") or ""
+        frag = urlsplit(href).fragment
+        sha = frag[len("sha256="):] if frag.startswith("sha256=") else None
+        filename = urlsplit(href).path.rsplit("/", 1)[-1]
+        md_attr = attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata"))
+        metadata: object = False
+        if md_attr is not None:
+            metadata = {"sha256": md_attr[7:]} if md_attr.startswith("sha256=") else md_attr == "true"
+        yanked: object = attrs["data-yanked"] if "data-yanked" in attrs else False
+        try:
+            rf = _make_file(
+                filename=filename, href=href, page_url=page_url, sha256=sha, size=None,
+                requires_python=attrs.get("data-requires-python"), yanked=yanked if yanked is not None else True,
+                upload_time=None, metadata=metadata, provenance=attrs.get("data-provenance"),
+                allow_http=allow_http,
+            )
+        except UnsafeInput as e:
+            rejected.append(f"{text or href!r:.100}: {e}")
+            continue
+        if rf.path in seen:
+            continue
+        seen.add(rf.path)
+        files.append(rf)
+    return ProjectSnapshot(
+        name=name, display_name=name,
+        serial=Serial(header_serial) if header_serial is not None else None,
+        files=tuple(files), api_version=api,
+        status=p.meta.get("pypi:project-status"), status_reason=p.meta.get("pypi:project-status-reason"),
+        rejected=tuple(rejected),
+    )
+
+
+def header_serial(headers: Mapping[str, str]) -> int | None:
+    v = headers.get("x-pypi-last-serial")
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+# -- I/O ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    url: str
+
+
+class Upstream:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        cfg: UpstreamConfig,
+        *,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = trio.sleep,
+    ) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.base = cfg.url.rstrip("/")
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+        self._last_xmlrpc = -1e9
+        self._xmlrpc_lock = trio.Lock()
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter in [0.5, 1.5) of the step."""
+        step = min(self.cfg.max_backoff, self.cfg.backoff * (2**attempt))
+        return step * (0.5 + self.rng.random())
+
+    async def request(
+        self, method: str, url: str, *, kind: str, headers: Mapping[str, str] | None = None,
+        content: bytes | None = None, ok: tuple[int, ...] = (200,),
+    ) -> Response:
+        """One request with retries on transport errors, 429 and 5xx.
+
+        Statuses in ``ok`` and 4xx are returned to the caller; the body is
+        capped at ``max_page_bytes``."""
+        last = ""
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                await self.sleep(self.backoff(attempt - 1))
+            self.metrics.upstream_requests.labels(kind).inc()
+            try:
+                async with self.client.stream(method, url, headers=headers, content=content) as r:
+                    if r.status_code in ok or (400 <= r.status_code < 500 and r.status_code != 429):
+                        body = await self._read_capped(r, url)
+                        return Response(r.status_code, r.headers, body, str(r.url))
+                    last = f"HTTP {r.status_code}"
+            except httpx.TimeoutException as e:
+                last = f"timeout ({type(e).__name__})"
+            except httpx.TransportError as e:
+                last = f"{type(e).__name__}: {e}"[:200]
+            log.debug("%s %s failed (%s), attempt %d", method, url, last, attempt + 1)
+        raise UpstreamUnavailable(f"{method} {url}: {last} after {self.cfg.retries + 1} attempts")
+
+    async def _read_capped(self, r: httpx.Response, url: str) -> bytes:
+        cap = self.cfg.max_page_bytes
+        declared = r.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            self.metrics.rejected.labels("oversize").inc()
+            raise MalformedResponse(f"{url}: body of {declared} bytes exceeds max_page_bytes={cap}")
+        chunks, n = [], 0
+        async for chunk in r.aiter_bytes():
+            n += len(chunk)
+            if n > cap:
+                self.metrics.rejected.labels("oversize").inc()
+                raise MalformedResponse(f"{url}: body exceeds max_page_bytes={cap}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- XML-RPC feed -----------------------------------------------------------
+    async def xmlrpc(self, method: str, *params: Any) -> Any:
+        async with self._xmlrpc_lock:
+            # PyPI rate-limits XML-RPC per IP; keep calls spaced.
+            wait = self._last_xmlrpc + self.cfg.xmlrpc_interval - trio.current_time()
+            if wait > 0:
+                await self.sleep(wait)
+            try:
+                r = await self.request(
+                    "POST", f"{self.base}/pypi", kind="feed",
+                    headers={"Content-Type": "text/xml"},
+                    content=xmlrpc.client.dumps(params, method, allow_none=True).encode(),
+                )
+            finally:
+                self._last_xmlrpc = trio.current_time()
+        if r.status != 200:
+            raise UpstreamUnavailable(f"XML-RPC {method}: HTTP {r.status}")
+        try:
+            (result,), _ = xmlrpc.client.loads(r.body)
+        except xmlrpc.client.Fault as f:
+            raise UpstreamError(f"XML-RPC {method}: fault {f.faultCode}: {f.faultString}"[:300]) from None
+        except (ExpatError, ValueError, TypeError, xmlrpc.client.ResponseError) as e:
+            self.metrics.rejected.labels("malformed").inc()
+            raise MalformedResponse(f"XML-RPC {method}: malformed response: {e}"[:300]) from None
+        return result
+
+    async def changelog_last_serial(self) -> Serial:
+        v = await self.xmlrpc("changelog_last_serial")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise MalformedResponse(f"changelog_last_serial returned {v!r:.100}")
+        return Serial(v)
+
+    async def changelog_since(self, serial: int, *, until: int) -> tuple[list[ChangeEvent], Serial]:
+        """Every event after ``serial`` up to at least ``until``, paging as PyPI
+        requires (at most 50 000 rows per call)."""
+        events: list[ChangeEvent] = []
+        pos = serial
+        while pos < until:
+            page = parse_changelog(await self.xmlrpc("changelog_since_serial", pos))
+            if not page or max(e.serial for e in page) <= pos:
+                break  # empty, or no progress: never loop forever on a broken upstream
+            events.extend(page)
+            pos = max(pos, max(e.serial for e in page))
+        return events, Serial(pos)
+
+    async def list_packages_with_serial(self) -> dict[str, int]:
+        v = await self.xmlrpc("list_packages_with_serial")
+        if not isinstance(v, dict):
+            raise MalformedResponse("list_packages_with_serial did not return a struct")
+        return {str(k): s for k, s in v.items() if isinstance(s, int) and not isinstance(s, bool)}
+
+    # -- simple API -------------------------------------------------------------
+    async def root_index(self, etag: str | None) -> tuple[list[RootEntry], Serial | None, str | None, list[str]] | None:
+        """The PEP 691 root, or None when ``etag`` still matches (304)."""
+        headers = {"Accept": JSON_TYPE}
+        if etag:
+            headers["If-None-Match"] = etag
+        r = await self.request("GET", f"{self.base}/simple/", kind="feed", headers=headers, ok=(200, 304))
+        if r.status == 304:
+            return None
+        if r.status != 200:
+            raise UpstreamUnavailable(f"root index: HTTP {r.status}")
+        if not r.headers.get("content-type", "").startswith(JSON_TYPE):
+            raise MalformedResponse("root index: upstream did not serve PEP 691 JSON")
+        entries, serial, rejected = parse_root_json(r.body)
+        return entries, serial, r.headers.get("etag"), rejected
+
+    async def project_page(self, name: NormalizedName, *, min_serial: int) -> ProjectSnapshot:
+        """The project's page, at least as new as ``min_serial``.
+
+        A stale page (CDN lag) is asked for again with backoff and a
+        cache-busting query string; after ``stale_retries`` it raises
+        ``StalePage`` so the caller can defer this project only."""
+        url = f"{self.base}/simple/{name}/"
+        got: int | None = None
+        for attempt in range(self.cfg.stale_retries + 1):
+            if attempt:
+                await self.sleep(self.backoff(attempt - 1))
+                # A distinct query string misses any cached copy.
+                url = f"{self.base}/simple/{name}/?cachebust={min_serial}-{attempt}-{self.rng.randrange(1 << 30)}"
+            r = await self.request("GET", url, kind="page", headers={"Accept": ACCEPT})
+            if r.status == 404 or r.status == 410:
+                raise ProjectNotFound(f"{name}: HTTP {r.status}")
+            if r.status != 200:
+                raise UpstreamUnavailable(f"{name}: HTTP {r.status}")
+            ctype = r.headers.get("content-type", "")
+            parse = parse_project_json if ctype.startswith(JSON_TYPE) or ctype.startswith("application/json") else parse_project_html
+            snap = parse(r.body, name=name, page_url=r.url, header_serial=header_serial(r.headers),
+                         allow_http=self.cfg.allow_http)
+            got = snap.serial
+            if got is None or got >= min_serial:
+                return snap
+            self.metrics.stale_pages.inc()
+            log.debug("%s: stale page (serial %s < %d), attempt %d", name, got, min_serial, attempt + 1)
+        raise StalePage(name, min_serial, got)
+
+    async def project_api_json(self, name: NormalizedName) -> dict[str, Any] | None:
+        r = await self.request("GET", f"{self.base}/pypi/{name}/json", kind="page")
+        if r.status != 200:
+            return None
+        data = _load_json(r.body, where=f"{name} JSON API")
+        return data if isinstance(data, dict) else None
+
+
+def open_client(cfg: UpstreamConfig, *, workers: int, version: str) -> httpx.AsyncClient:
+    """The one pooled client every upstream request goes through."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.timeout),
+        headers={"User-Agent": f"mirror/{version} {cfg.user_agent}"},
+        follow_redirects=True,
+        limits=httpx.Limits(max_connections=workers + 8, max_keepalive_connections=workers + 8),
+    )

@@ -1,0 +1,100 @@
+"""Helpers for end-to-end tests: configs pointing at a FakePyPI, a static server."""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from mirror.config import Config, parse_config
+
+
+def make_config(url: str, directory: Path, **sections: dict[str, Any]) -> Config:
+    data: dict[str, Any] = {
+        "upstream": {
+            "url": url,
+            "allow_http": True,
+            "user_agent": "mirror-tests (tests@example.org)",
+            "xmlrpc_interval": 0,
+            "backoff": 0.01,
+            "max_backoff": 0.05,
+            "timeout": 10,
+        },
+        "mirror": {"directory": str(directory), "workers": 8},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data, source="test.toml", base=directory.parent)
+
+
+def write_config(
+    path: Path, url: str, directory: Path, **sections: dict[str, Any]
+) -> Path:
+    """The same as make_config, as a TOML file for subprocess tests."""
+    make_config(url, directory, **sections)  # validate early
+    data: dict[str, dict[str, Any]] = {
+        "upstream": {
+            "url": url,
+            "allow_http": True,
+            "user_agent": "mirror-tests (tests@example.org)",
+            "xmlrpc_interval": 0,
+            "backoff": 0.01,
+            "max_backoff": 0.05,
+            "timeout": 10,
+        },
+        "mirror": {"directory": str(directory), "workers": 8},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {_toml(v)}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def static_server(root: Path) -> Iterator[str]:
+    """Serve ``root`` on 127.0.0.1:<free port> the way a plain static server would."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join()
+
+
+def clean_pip_env() -> dict[str, str]:
+    """An environment where pip sees only what the test gives it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_NO_CACHE_DIR"] = "1"
+    return env
