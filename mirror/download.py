@@ -26,7 +26,7 @@ import httpx
 import trio
 
 from mirror.config import UpstreamConfig
-from mirror.errors import DiskError, DownloadError, HashMismatch, SizeMismatch
+from mirror.errors import DownloadError, HashMismatch, SizeMismatch
 from mirror.metrics import Metrics
 from mirror.tree import Tree, disk_error
 
@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 FLUSH_BYTES = 1 << 20
 # Total time allowed per attempt: the request timeout plus the file at a
-# pessimistic 64 KB/s, so a stalled-but-trickling upstream is cut off.
+# pessimistic 64 KB/s, so a stalled-but-trickling upstream is cut off.  When
+# the size is unknown the deadline moves with the bytes received, which asks
+# for the same average rate.
 MIN_RATE = 64 * 1024
 
 
@@ -77,7 +79,10 @@ class _Sink:
 
     def close(self) -> None:
         if self.f is not None and not self.f.closed:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:
+                pass  # flushing to a full disk fails again; the temp is discarded next
 
 
 class Downloader:
@@ -100,11 +105,12 @@ class Downloader:
         self.rng = rng or random.Random()
         self.sleep = sleep
 
-    async def fetch(self, url: str, *, sha256: str | None, size: int | None) -> Verified:
+    async def fetch(self, url: str, *, sha256: str | None, size: int | None, limit: int | None = None) -> Verified:
         """Download ``url`` to a verified temp file, retrying transient faults.
 
         ``sha256=None`` (PEP 658 ``true`` without a hash) means: accept and
-        report the digest we computed."""
+        report the digest we computed.  ``limit`` caps a body whose ``size``
+        is unknown (sidecars), so an endless body cannot fill the disk."""
         last: DownloadError | None = None
         for attempt in range(self.cfg.retries + 1):
             if attempt:
@@ -112,10 +118,7 @@ class Downloader:
                 await self.sleep(step * (0.5 + self.rng.random()))
             try:
                 async with self.limiter:
-                    return await self._attempt(url, sha256=sha256, size=size)
-            except DiskError:
-                self.metrics.download_errors.labels("disk").inc()
-                raise
+                    return await self._attempt(url, sha256=sha256, size=size, limit=limit)
             except DownloadError as e:
                 self.metrics.download_errors.labels(e.reason).inc()
                 log.debug("download %s failed (attempt %d): %s", url, attempt + 1, e)
@@ -125,17 +128,17 @@ class Downloader:
         assert last is not None
         raise last
 
-    async def _attempt(self, url: str, *, sha256: str | None, size: int | None) -> Verified:
+    async def _attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> Verified:
         tmp = self.tree.new_temp()
         sink = _Sink(tmp)
         ok = False
         deadline = self.cfg.timeout + (size or 0) / MIN_RATE
         try:
             with trio.move_on_after(deadline) as scope:
-                result = await self._stream(url, sink, sha256=sha256, size=size)
+                result = await self._stream(url, sink, sha256=sha256, size=size, limit=limit, scope=scope)
                 ok = True
                 return result
-            raise DownloadError(url, "timeout", f"no complete body within {deadline:.0f}s")
+            raise DownloadError(url, "timeout", f"body slower than {MIN_RATE // 1024} KB/s after {self.cfg.timeout:g}s")
         except OSError as e:
             raise disk_error(e, f"writing temp file for {url}") from None
         finally:
@@ -146,19 +149,29 @@ class Downloader:
                     await trio.to_thread.run_sync(self.tree.discard, tmp)
             del scope
 
-    async def _stream(self, url: str, sink: _Sink, *, sha256: str | None, size: int | None) -> Verified:
+    async def _stream(
+        self, url: str, sink: _Sink, *, sha256: str | None, size: int | None, limit: int | None,
+        scope: trio.CancelScope,
+    ) -> Verified:
         h = hashlib.sha256()
         n = 0
+        started = trio.current_time()
         try:
             async with self.client.stream("GET", url) as r:
                 self.metrics.upstream_requests.labels("file").inc()
                 if r.status_code != 200:
                     raise DownloadError(url, "http_status", f"HTTP {r.status_code}")
-                async for chunk in r.aiter_bytes(256 * 1024):
+                # Chunks as they arrive (<= 64 KB), so the size check and the
+                # moving deadline see every read.
+                async for chunk in r.aiter_bytes():
                     n += len(chunk)
                     if size is not None and n > size:
                         # Stop at size + 1: never store more than promised.
                         raise SizeMismatch(url, size, n)
+                    if size is None:
+                        if limit is not None and n > limit:
+                            raise DownloadError(url, "size_mismatch", f"body exceeds the {limit}-byte limit")
+                        scope.deadline = max(scope.deadline, started + self.cfg.timeout + n / MIN_RATE)
                     h.update(chunk)
                     await sink.add(chunk)
         except httpx.TimeoutException as e:
@@ -168,7 +181,9 @@ class Downloader:
         except httpx.TransportError as e:
             raise DownloadError(url, "connection", f"{type(e).__name__}: {e}"[:200]) from None
         if size is not None and n < size:
-            raise DownloadError(url, "truncated", f"got {n} of {size} bytes")
+            # A complete HTTP body (a cut one raised RemoteProtocolError
+            # above) that is shorter than the page promised.
+            raise SizeMismatch(url, size, n)
         digest = h.hexdigest()
         if sha256 is not None and digest != sha256:
             raise HashMismatch(url, sha256, digest)

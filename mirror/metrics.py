@@ -16,6 +16,8 @@ from mirror import __version__
 from mirror.errors import DOWNLOAD_REASONS
 
 REJECT_KINDS = ("name", "path", "url", "api_version", "malformed", "oversize")
+# Why a feed or page request failed (each failed attempt, before retries).
+UPSTREAM_ERROR_REASONS = ("http_status", "connection", "truncated", "timeout")
 
 
 class Metrics:
@@ -57,6 +59,13 @@ class Metrics:
         )
         for kind in ("feed", "page", "file"):
             self.upstream_requests.labels(kind)
+        self.upstream_errors = Counter(
+            "mirror_upstream_errors_total", "Failed feed and page requests (each attempt), by kind and reason.",
+            ["kind", "reason"], registry=r,
+        )
+        for kind in ("feed", "page"):
+            for reason in UPSTREAM_ERROR_REASONS:
+                self.upstream_errors.labels(kind, reason)
         self.projects_pending = Gauge("mirror_projects_pending", "Projects waiting to be synced.", registry=r)
         self.projects_failed = Gauge("mirror_projects_failed", "Projects deferred after failures.", registry=r)
         self.projects = Gauge("mirror_projects", "Projects published in the root index.", registry=r)

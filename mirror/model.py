@@ -130,8 +130,9 @@ class ProjectSnapshot:
     status_reason: str | None = None
     api_version: str = "1.0"
     # Problems found while parsing (e.g. a file with an unsafe name that was
-    # dropped).  Kept so the caller can log and count them.
-    rejected: tuple[str, ...] = field(default=(), compare=False)
+    # dropped), as (metric kind, message).  Kept so the caller can log and
+    # count them.
+    rejected: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,11 @@ def group_listing(listing: Mapping[str, int]) -> FeedChanges:
         except UnsafeInput:
             rejected.append(repr(shown)[:200])
             continue
+        if name in display:
+            # Two listed names normalize alike, which PyPI forbids: keep the
+            # newer, report the other.
+            loser, winner = (display[name], shown) if serial >= targets[name] else (shown, display[name])
+            rejected.append(f"{loser!r:.200} (collides with {winner!r:.200} after normalization)")
         if serial >= targets.get(name, -1):
             targets[name] = Serial(serial)
             display[name] = shown

@@ -208,6 +208,10 @@ class State:
         q = "SELECT path, size, sha256 FROM files WHERE path IN (%s)" % ",".join("?" * len(chunk))
         return {p: (int(s), str(h)) for p, s, h in self.db.execute(q, list(chunk))}
 
+    def is_referenced(self, path: str) -> bool:
+        """Does any published page link ``path``?"""
+        return self.db.execute("SELECT 1 FROM refs WHERE path=? LIMIT 1", (path,)).fetchone() is not None
+
     def record_file(self, path: str, size: int, sha256: str) -> None:
         """Called right after the file was renamed into place."""
         with self.db:
@@ -252,6 +256,10 @@ class State:
             orphans = self._orphans(dropped, now)
             self.db.execute("DELETE FROM todo WHERE name=? AND serial<=?", (snap.name, serial))
             self.db.execute("DELETE FROM gone WHERE name=?", (snap.name,))
+            # In the same transaction: whoever publishes next knows the root
+            # must list this project, even if this process dies right now.
+            self.db.execute("INSERT INTO meta(key, value) VALUES('root_dirty', '1') "
+                            "ON CONFLICT(key) DO UPDATE SET value='1'")
         return orphans
 
     def remove_project(self, name: str, *, now: float | None = None) -> list[str]:

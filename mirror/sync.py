@@ -20,16 +20,22 @@ Theory of operation
 4. *Serial.*  ``last-modified`` and the synced serial come last.
 
 A disk error (ENOSPC, EROFS) aborts the whole cycle: nothing partial is
-visible because every write is a rename of a complete, fsynced file.
+visible because every write is a rename of a complete, fsynced file.  Every
+task that hit it reports it (through nested nurseries, as an exception
+group, or as SQLite's "database or disk is full"); ``sync_once`` turns all of
+that into one ``DiskError`` so callers see a single, clear condition.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import logging
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import httpx
@@ -41,19 +47,68 @@ from mirror.download import Downloader
 from mirror.errors import (
     DiskError,
     DownloadError,
-    MalformedResponse,
     ProjectNotFound,
     UnsafeInput,
+    UnsafePath,
     UnsupportedAPIVersion,
     UpstreamError,
 )
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName, ProjectSnapshot, Serial
 from mirror.state import State
-from mirror.tree import Tree
+from mirror.tree import Tree, disk_error
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+# SQLite primary result codes that mean the disk, not the data, is at fault.
+_SQLITE_DISK_CODES = {
+    13,  # SQLITE_FULL
+    10,  # SQLITE_IOERR
+    8,  # SQLITE_READONLY
+    14,  # SQLITE_CANTOPEN
+}
+# Narrower than the tree's list: a stray EACCES that no tree method wrapped is
+# more likely a bug than the disk.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT}
+
+
+def disk_error_of(exc: BaseException) -> tuple[DiskError, int] | None:
+    """(the first DiskError, how many operations failed) when ``exc`` is
+    nothing but disk trouble, else None.
+
+    ``exc`` may be an exception group from nested nurseries, where each task
+    that hit the full disk reports it once."""
+    if isinstance(exc, BaseExceptionGroup):
+        found = [f for e in exc.exceptions if (f := disk_error_of(e)) is not None]
+        if not found or len(found) != len(exc.exceptions):
+            return None
+        return found[0][0], sum(n for _, n in found)
+    if isinstance(exc, DiskError):
+        return exc, 1
+    if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_DISK_CODES:
+        return DiskError(f"state database: {exc}"), 1
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return disk_error(exc, "disk"), 1
+    return None
+
+
+def _disk_error_aborts_cycle(
+    cycle: Callable[[Syncer], Awaitable[CycleReport]],
+) -> Callable[[Syncer], Awaitable[CycleReport]]:
+    @functools.wraps(cycle)
+    async def run(self: Syncer) -> CycleReport:
+        try:
+            return await cycle(self)
+        except BaseException as e:
+            found = disk_error_of(e)
+            if found is None:
+                raise
+            self.metrics.download_errors.labels("disk").inc(found[1])
+            self.metrics.cycles.labels("error").inc()
+            raise found[0] from None
+
+    return run
 
 
 @dataclass
@@ -198,21 +253,28 @@ class Syncer:
             self._remove(name, report)
             return
         except (UpstreamError, UnsafeInput) as e:
-            if isinstance(e, (MalformedResponse, UnsupportedAPIVersion)):
-                self.metrics.rejected.labels("api_version" if isinstance(e, UnsupportedAPIVersion) else "malformed").inc()
+            # Malformed pages were counted by each attempt in project_page.
+            if isinstance(e, UnsupportedAPIVersion):
+                self.metrics.rejected.labels("api_version").inc()
             self._defer(name, str(e), report)
             return
-        for why in snap.rejected:
-            self.metrics.rejected.labels("path").inc()
+        for kind, why in snap.rejected:
+            self.metrics.rejected.labels(kind).inc()
             log.warning("%s: refused a file entry from upstream: %s", name, why)
-        await self.publish_snapshot(snap, report)
+        try:
+            await self.publish_snapshot(snap, report)
+        except UnsafePath as e:
+            # Something in the tree (a symlink where a directory belongs) would
+            # redirect our writes: leave the project alone, loudly.
+            log.error("%s: not published, the tree is unsafe: %s", name, e)
+            self._defer(name, str(e), report)
 
     async def publish_snapshot(self, upstream_snap: ProjectSnapshot, report: CycleReport) -> None:
         name = upstream_snap.name
         snap = upstream_snap
         wanted = [p for f in snap.files for p in (f.path, f.metadata_path, f.provenance_path)]
         present = self.state.known_files(wanted)
-        fetches = planner.plan_project(snap, present)
+        fetches = [j for j in planner.plan_project(snap, present) if not self._overwrites_linked(name, j, present)]
         errors: list[str] = []
         async with trio.open_nursery() as nursery:
             for job in fetches:
@@ -249,6 +311,20 @@ class Syncer:
         report.files_retired += len(orphans)
         report.projects_synced += 1
 
+    def _overwrites_linked(self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]]) -> bool:
+        """True (and reported) when ``job`` would replace a verified file that a
+        published page links with other bytes.
+
+        On PyPI a path never changes content, so this is an upstream listing
+        one path with two hashes (in one project or two): overwriting would
+        break the page that links the old bytes.  The new entry is left out."""
+        if job.rel not in present or not self.state.is_referenced(job.rel):
+            return False
+        self.metrics.rejected.labels("path").inc()
+        log.warning("%s: refused %s: %s already holds a different file that a page links",
+                    name, job.filename, job.rel)
+        return True
+
     async def _fetch(
         self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
         report: CycleReport,
@@ -262,7 +338,9 @@ class Syncer:
                 present[job.rel] = (size, job.sha256)
                 return
         try:
-            v = await self.downloader.fetch(job.url, sha256=job.sha256, size=job.size)
+            # Sidecars are documents: an endless one is cut at the page cap.
+            limit = None if job.kind == "dist" else self.cfg.upstream.max_page_bytes
+            v = await self.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit)
         except DownloadError as e:
             if job.kind != "dist" and e.reason == "http_status" and e.detail in ("HTTP 404", "HTTP 410"):
                 # A missing sidecar is simply not advertised.
@@ -271,12 +349,25 @@ class Syncer:
             log.warning("%s: %s failed: %s", name, job.filename, e)
             errors.append(f"{job.filename}: {e.reason}")
             return
-        if job.kind == "provenance" and not await trio.to_thread.run_sync(_is_json_file, v.tmp):
-            await trio.to_thread.run_sync(self.tree.discard, v.tmp)
-            self.metrics.rejected.labels("malformed").inc()
-            log.warning("%s: provenance for %s is not valid JSON; not mirrored", name, job.filename[:-11])
-            return
-        await trio.to_thread.run_sync(self.tree.commit_file, v.tmp, job.rel)
+        committed = False
+        try:
+            if job.kind == "provenance" and not await trio.to_thread.run_sync(_is_json_file, v.tmp):
+                self.metrics.rejected.labels("malformed").inc()
+                log.warning("%s: provenance for %s is not valid JSON; not mirrored", name, job.filename[:-11])
+                return
+            try:
+                await trio.to_thread.run_sync(self.tree.commit_file, v.tmp, job.rel)
+            except UnsafePath as e:
+                log.error("%s: %s not published, the tree is unsafe: %s", name, job.filename, e)
+                errors.append(f"{job.filename}: unsafe path in the tree")
+                return
+            committed = True
+        finally:
+            if not committed:
+                # Also when a sibling's disk error cancels us: a long-running
+                # daemon must not leak verified temps into state/tmp.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.tree.discard, v.tmp)
         self.state.record_file(job.rel, v.size, v.sha256)
         present[job.rel] = (v.size, v.sha256)
         report.files_downloaded += 1
@@ -294,9 +385,12 @@ class Syncer:
         log.warning("%s: deferred to the next run: %s", name, error)
 
     # -- root and serial --------------------------------------------------------
-    async def publish_root(self, report: CycleReport) -> None:
+    async def publish_root(self, report: CycleReport, *, force: bool = False) -> None:
         gone = self.state.gone()
-        if not (report.projects_synced or report.projects_removed or gone):
+        # root_dirty is set with every published project, so a run killed (or
+        # stopped by a full disk) before the root was written still lists it.
+        dirty = self.state.meta("root_dirty") == "1"
+        if not (force or dirty or report.projects_synced or report.projects_removed or gone):
             return
         serial = self.state.serial
         root_html = render.root_html(self.state.root_entries())
@@ -307,15 +401,18 @@ class Syncer:
             ("simple/index.v1_json", root_json),
         ])
         report.root_written = True
+        self.state.set_meta(root_dirty=0)
         if gone:
             paths = [p for n in gone for p in (*planner.page_paths(n), f"pypi/{n}/json")]
             await trio.to_thread.run_sync(self.tree.remove, paths)
             self.state.clear_gone(gone)
 
+    @_disk_error_aborts_cycle
     async def sync_once(self) -> CycleReport:
         report = CycleReport(started=time.time())
         t0 = trio.current_time()
         await self.read_feed(report)
+        root_error: DiskError | None = None
         try:
             await self.sync_projects(report)
         finally:
@@ -326,6 +423,9 @@ class Syncer:
                     await self.publish_root(report)
                 except DiskError as e:
                     log.error("root index not written: %s", e)
+                    root_error = e
+        if root_error is not None:
+            raise root_error  # root_dirty stays set: the next cycle writes it
         if report.changed:
             stamp = time.strftime("%Y%m%dT%H:%M:%S\n", time.gmtime()).encode()
             await trio.to_thread.run_sync(self.tree.write_files, [("last-modified", stamp)])

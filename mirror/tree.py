@@ -28,6 +28,7 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -104,6 +105,24 @@ class Tree:
                     raise UnsafePath(f"{cur} exists and is not a plain directory") from None
         return cur / parts[-1]
 
+    def _existing_parent(self, rel: str) -> Path | None:
+        """The directory holding ``rel`` if it exists and every component
+        under web/ is a plain directory; None if it does not exist.
+
+        Deleting (or adopting) through a symlinked directory would act on
+        something outside the tree, so a symlink raises UnsafePath."""
+        parts = safe_relpath(rel).split("/")
+        cur = self.web
+        for part in parts[:-1]:
+            cur = cur / part
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                return None
+            if not stat.S_ISDIR(st.st_mode):
+                raise UnsafePath(f"{cur} exists and is not a plain directory")
+        return cur
+
     # -- commits ------------------------------------------------------------
     def commit_file(self, tmp: Path, rel: str) -> None:
         """Rename a verified, fsynced temp file to its final place."""
@@ -128,11 +147,11 @@ class Tree:
         try:
             for rel, data in items:
                 tmp = self.new_temp()
+                temps.append((tmp, rel))  # before writing: a full disk fails mid-write
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                temps.append((tmp, rel))
             dirs: dict[Path, None] = {}
             for tmp, rel in temps:
                 dest = self._ensure_parent(rel)
@@ -160,14 +179,16 @@ class Tree:
         rename but before the state commit), return its size."""
         p = self.path(rel)
         try:
+            if self._existing_parent(rel) is None:
+                return None
             st = os.lstat(p)
-            if not os.path.isfile(p) or os.path.islink(p) or (size is not None and st.st_size != size):
+            if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
                 return None
             h = hashlib.sha256()
             with open(p, "rb") as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
-        except OSError:
+        except (OSError, UnsafePath):
             return None
         return st.st_size if h.hexdigest() == sha256 else None
 
@@ -178,8 +199,13 @@ class Tree:
         for rel in rels:
             p = self.path(rel)
             try:
+                if self._existing_parent(rel) is None:
+                    continue
                 os.unlink(p)
                 n += 1
+            except UnsafePath as e:
+                log.error("not removing %s: %s", rel, e)
+                continue
             except FileNotFoundError:
                 pass
             except OSError as e:

@@ -18,7 +18,7 @@ import xmlrpc.client
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urljoin, urlsplit, urlunsplit
 from xml.parsers.expat import ExpatError
 
@@ -31,6 +31,8 @@ from mirror.errors import (
     ProjectNotFound,
     StalePage,
     UnsafeInput,
+    UnsafeName,
+    UnsafePath,
     UnsafeURL,
     UnsupportedAPIVersion,
     UpstreamError,
@@ -55,6 +57,13 @@ ACCEPT = f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0
 SUPPORTED_MAJOR = 1
 SUPPORTED_MINOR = 4
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Serials are stored as SQLite INTEGERs: a larger one from upstream would
+# crash the state layer (and poison the feed position), so it is malformed.
+_MAX_SERIAL = 2**63 - 1
+
+
+def is_serial(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_SERIAL
 
 
 # -- pure parsing ---------------------------------------------------------------
@@ -94,7 +103,7 @@ def parse_changelog(rows: object) -> list[ChangeEvent]:
         if (
             not isinstance(row, (list, tuple)) or len(row) != 5
             or not isinstance(row[0], str) or not isinstance(row[3], str)
-            or not isinstance(row[4], int) or isinstance(row[4], bool)
+            or not is_serial(row[4])
         ):
             raise MalformedResponse(f"bad changelog row {row!r:.200}")
         name, version, ts, action, serial = row
@@ -124,11 +133,16 @@ def parse_root_json(body: bytes) -> tuple[list[RootEntry], Serial | None, list[s
             rejected.append(repr(name)[:200])
             continue
         s = p.get("_last-serial", 0)
-        s = s if isinstance(s, int) and not isinstance(s, bool) and s >= 0 else 0
+        s = s if is_serial(s) else 0
         prev = seen.get(norm)
+        if prev is not None:
+            # PyPI forbids two names that normalize alike; an index that lists
+            # both is broken or hostile.  Keep the newer entry, report the other.
+            loser, winner = (prev.display_name, name) if s > prev.serial else (name, prev.display_name)
+            rejected.append(f"{loser!r:.200} (collides with {winner!r:.200} after normalization)")
         if prev is None or s > prev.serial:
             seen[norm] = RootEntry(norm, str(name), Serial(s))
-    return list(seen.values()), Serial(serial) if isinstance(serial, int) else None, rejected
+    return list(seen.values()), Serial(serial) if is_serial(serial) else None, rejected
 
 
 def _load_json(body: bytes, *, where: str) -> Any:
@@ -148,6 +162,32 @@ def _metadata_flag(v: object) -> tuple[bool, str | None]:
         h = v.get("sha256")
         return True, h.lower() if isinstance(h, str) and _SHA256.match(h.lower()) else None
     return v is True, None
+
+
+def reject_kind(e: UnsafeInput) -> str:
+    """The ``mirror_upstream_rejected_total`` label for a refused file entry."""
+    if isinstance(e, UnsafeURL):
+        return "url"
+    if isinstance(e, UnsafePath):
+        return "path"
+    if isinstance(e, UnsafeName):
+        return "name"
+    return "malformed"
+
+
+def _claim_paths(rf: ReleaseFile, seen: set[str]) -> str | None:
+    """Reserve the file's path and its sidecars' paths in ``seen``.
+
+    Returns why the entry must be refused when one of them is taken: a file
+    named ``x.whl.metadata`` next to ``x.whl`` (or the same path listed twice)
+    would make two downloads race for one final name."""
+    mine = (rf.path, rf.metadata_path, rf.provenance_path)
+    if rf.path in seen:
+        return f"{rf.filename}: listed twice"
+    if any(p in seen for p in mine):
+        return f"{rf.filename}: collides with another file's sidecar path"
+    seen.update(mine)
+    return None
 
 
 def _make_file(
@@ -197,11 +237,12 @@ def parse_project_json(
     files_raw = data.get("files")
     if not isinstance(files_raw, list):
         raise MalformedResponse(f"{name}: 'files' is not a list")
-    files, rejected = [], []
+    files: list[ReleaseFile] = []
+    rejected: list[tuple[str, str]] = []
     seen: set[str] = set()
     for f in files_raw:
         if not isinstance(f, dict):
-            rejected.append(f"file entry {f!r:.100} is not an object")
+            rejected.append(("malformed", f"file entry {f!r:.100} is not an object"))
             continue
         hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
         metadata = f.get("core-metadata", f.get("data-dist-info-metadata"))
@@ -213,12 +254,11 @@ def parse_project_json(
                 allow_http=allow_http,
             )
         except UnsafeInput as e:
-            rejected.append(str(e))
+            rejected.append((reject_kind(e), str(e)))
             continue
-        if rf.path in seen:
-            rejected.append(f"{rf.filename}: listed twice")
+        if (why := _claim_paths(rf, seen)) is not None:
+            rejected.append(("path", why))
             continue
-        seen.add(rf.path)
         files.append(rf)
     serial = header_serial if header_serial is not None else meta.get("_last-serial")
     versions = data.get("versions")
@@ -228,7 +268,7 @@ def parse_project_json(
     return ProjectSnapshot(
         name=name,
         display_name=raw_name if isinstance(raw_name, str) else name,
-        serial=Serial(serial) if isinstance(serial, int) and not isinstance(serial, bool) else None,
+        serial=Serial(serial) if is_serial(serial) else None,
         files=tuple(files),
         versions=tuple(v for v in versions if isinstance(v, str)) if isinstance(versions, list) else (),
         status=st if isinstance(st, str) else None,
@@ -276,7 +316,8 @@ def parse_project_html(
     except Exception as e:  # html.parser is lenient; this is belt and braces
         raise MalformedResponse(f"{name}: unparsable HTML: {e}"[:300]) from None
     api = check_api_version(p.meta.get("pypi:repository-version"), where=name)
-    files, rejected = [], []
+    files: list[ReleaseFile] = []
+    rejected: list[tuple[str, str]] = []
     seen: set[str] = set()
     for attrs, text in p.anchors:
         href = attrs.get("href") or ""
@@ -296,11 +337,13 @@ def parse_project_html(
                 allow_http=allow_http,
             )
         except UnsafeInput as e:
-            rejected.append(f"{text or href!r:.100}: {e}")
+            rejected.append((reject_kind(e), f"{text or href!r:.100}: {e}"))
             continue
         if rf.path in seen:
+            continue  # an HTML page may repeat a link; the first one wins
+        if (why := _claim_paths(rf, seen)) is not None:
+            rejected.append(("path", why))
             continue
-        seen.add(rf.path)
         files.append(rf)
     return ProjectSnapshot(
         name=name, display_name=name,
@@ -314,7 +357,7 @@ def parse_project_html(
 def header_serial(headers: Mapping[str, str]) -> int | None:
     v = headers.get("x-pypi-last-serial")
     try:
-        return int(v) if v is not None else None
+        return int(v) if v is not None and is_serial(int(v)) else None
     except ValueError:
         return None
 
@@ -372,11 +415,15 @@ class Upstream:
                     if r.status_code in ok or (400 <= r.status_code < 500 and r.status_code != 429):
                         body = await self._read_capped(r, url)
                         return Response(r.status_code, r.headers, body, str(r.url))
-                    last = f"HTTP {r.status_code}"
+                    last, reason = f"HTTP {r.status_code}", "http_status"
             except httpx.TimeoutException as e:
-                last = f"timeout ({type(e).__name__})"
+                last, reason = f"timeout ({type(e).__name__})", "timeout"
+            except httpx.RemoteProtocolError as e:
+                # The peer closed mid-message: a body cut short.
+                last, reason = f"{type(e).__name__}: {e}"[:200], "truncated"
             except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {e}"[:200]
+                last, reason = f"{type(e).__name__}: {e}"[:200], "connection"
+            self.metrics.upstream_errors.labels("feed" if kind == "feed" else "page", reason).inc()
             log.debug("%s %s failed (%s), attempt %d", method, url, last, attempt + 1)
         raise UpstreamUnavailable(f"{method} {url}: {last} after {self.cfg.retries + 1} attempts")
 
@@ -423,7 +470,7 @@ class Upstream:
 
     async def changelog_last_serial(self) -> Serial:
         v = await self.xmlrpc("changelog_last_serial")
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        if not is_serial(v):
             raise MalformedResponse(f"changelog_last_serial returned {v!r:.100}")
         return Serial(v)
 
@@ -444,7 +491,7 @@ class Upstream:
         v = await self.xmlrpc("list_packages_with_serial")
         if not isinstance(v, dict):
             raise MalformedResponse("list_packages_with_serial did not return a struct")
-        return {str(k): s for k, s in v.items() if isinstance(s, int) and not isinstance(s, bool)}
+        return {str(k): s for k, s in v.items() if is_serial(s)}
 
     # -- simple API -------------------------------------------------------------
     async def root_index(self, etag: str | None) -> tuple[list[RootEntry], Serial | None, str | None, list[str]] | None:
@@ -459,7 +506,14 @@ class Upstream:
             raise UpstreamUnavailable(f"root index: HTTP {r.status}")
         if not r.headers.get("content-type", "").startswith(JSON_TYPE):
             raise MalformedResponse("root index: upstream did not serve PEP 691 JSON")
-        entries, serial, rejected = parse_root_json(r.body)
+        try:
+            entries, serial, rejected = parse_root_json(r.body)
+        except UnsupportedAPIVersion:
+            self.metrics.rejected.labels("api_version").inc()
+            raise
+        except MalformedResponse:
+            self.metrics.rejected.labels("malformed").inc()
+            raise
         return entries, serial, r.headers.get("etag"), rejected
 
     async def project_page(self, name: NormalizedName, *, min_serial: int) -> ProjectSnapshot:
@@ -470,11 +524,8 @@ class Upstream:
         ``StalePage`` so the caller can defer this project only."""
         url = f"{self.base}/simple/{name}/"
         got: int | None = None
-        for attempt in range(self.cfg.stale_retries + 1):
-            if attempt:
-                await self.sleep(self.backoff(attempt - 1))
-                # A distinct query string misses any cached copy.
-                url = f"{self.base}/simple/{name}/?cachebust={min_serial}-{attempt}-{self.rng.randrange(1 << 30)}"
+        stale = malformed = 0
+        while True:
             r = await self.request("GET", url, kind="page", headers={"Accept": ACCEPT})
             if r.status == 404 or r.status == 410:
                 raise ProjectNotFound(f"{name}: HTTP {r.status}")
@@ -482,14 +533,30 @@ class Upstream:
                 raise UpstreamUnavailable(f"{name}: HTTP {r.status}")
             ctype = r.headers.get("content-type", "")
             parse = parse_project_json if ctype.startswith(JSON_TYPE) or ctype.startswith("application/json") else parse_project_html
-            snap = parse(r.body, name=name, page_url=r.url, header_serial=header_serial(r.headers),
-                         allow_http=self.cfg.allow_http)
-            got = snap.serial
-            if got is None or got >= min_serial:
-                return snap
-            self.metrics.stale_pages.inc()
-            log.debug("%s: stale page (serial %s < %d), attempt %d", name, got, min_serial, attempt + 1)
-        raise StalePage(name, min_serial, got)
+            try:
+                snap = parse(r.body, name=name, page_url=r.url, header_serial=header_serial(r.headers),
+                             allow_http=self.cfg.allow_http)
+            except MalformedResponse as e:
+                # A garbled page is as transient as a 5xx (a CDN can cache
+                # one): retry with cache busting, then defer the project.
+                self.metrics.rejected.labels("malformed").inc()
+                malformed += 1
+                if malformed > self.cfg.retries:
+                    raise
+                log.debug("%s: malformed page (%s), attempt %d", name, e, malformed)
+            else:
+                got = snap.serial
+                if got is None or got >= min_serial:
+                    return snap
+                self.metrics.stale_pages.inc()
+                stale += 1
+                if stale > self.cfg.stale_retries:
+                    raise StalePage(name, min_serial, got)
+                log.debug("%s: stale page (serial %s < %d), attempt %d", name, got, min_serial, stale)
+            attempt = stale + malformed
+            await self.sleep(self.backoff(attempt - 1))
+            # A distinct query string misses any cached copy.
+            url = f"{self.base}/simple/{name}/?cachebust={min_serial}-{attempt}-{self.rng.randrange(1 << 30)}"
 
     async def project_api_json(self, name: NormalizedName) -> dict[str, Any] | None:
         r = await self.request("GET", f"{self.base}/pypi/{name}/json", kind="page")

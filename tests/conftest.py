@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -14,3 +15,15 @@ def upstream() -> Iterator[FakePyPI]:
     """A started, empty fake PyPI on 127.0.0.1 (stopped after the test)."""
     with FakePyPI(seed=0) as up:
         yield up
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``cli.main`` points the root logger at the sys.stderr of the moment
+    (pytest's capture); put the handlers back so later tests do not log into
+    a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
