@@ -19,13 +19,14 @@ import trio
 
 from mirror import __version__
 from mirror.config import Config, load_config
-from mirror.errors import MirrorError, SyncIncomplete
+from mirror.errors import ConfigError, LockHeld, MirrorError, SyncIncomplete
 from mirror.lock import DirectoryLock
 from mirror.metrics import Metrics
 from mirror.state import State
 from mirror.sync import CycleReport, Syncer
 from mirror.tree import Tree
 from mirror.upstream import open_client
+from mirror.verify import FILE_KINDS, PAGE_KINDS, verify
 
 log = logging.getLogger("mirror")
 
@@ -91,6 +92,57 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    state_dir = cfg.mirror.directory / "state"
+    if not (state_dir / "mirror.sqlite3").is_file():
+        raise ConfigError(f"{cfg.mirror.directory}: no mirror state to verify (has `mirror sync` run?)")
+    # Checks take no lock (a running mirror holds it for good); changes do,
+    # or, for repairs, are queued for the mirror that holds it.
+    lock = DirectoryLock(state_dir / "lock")
+    holder = None
+    if (args.repair or args.orphans == "delete") and not args.dry_run:
+        try:
+            lock.acquire()
+        except LockHeld as e:
+            if args.orphans == "delete":
+                log.error("--orphans delete needs the mirror stopped: a file it has just published "
+                          "is not recorded yet and would look like an orphan")
+                raise
+            holder = e.pid
+    try:
+        report = verify(cfg, sys.stdout, hash=args.hash, repair=args.repair, dry_run=args.dry_run,
+                        orphans=args.orphans, exclusive=lock.fd is not None)
+    finally:
+        lock.release()
+    log.info("verify: %s", report.summary())
+    remaining = sum(report.problems.values())
+    fixable = report.bad_files + report.bad_pages + report.root
+    if args.dry_run and args.repair and fixable:
+        log.info("dry run: would download %d file(s) again and rewrite the pages of %d project(s)%s",
+                 report.bad_files, report.bad_pages, " and the root index" if report.root else "")
+    elif args.repair and holder is not None and fixable:
+        log.warning("mirror pid %s is running: queued %d project(s) for its next cycle; verify again after it",
+                    holder, report.queued)
+    elif report.repair is not None:
+        log.info("repair: %s", report.repair.summary())
+        if not report.repair.failed:
+            remaining -= sum(report.problems[k] for k in (*FILE_KINDS, *PAGE_KINDS, "root"))
+    if args.orphans == "delete":
+        orphans = report.problems["orphan"] + report.problems["orphan_page"]
+        if args.dry_run:
+            log.info("dry run: would delete %d orphan(s)", orphans - len(report.undeletable))
+        else:
+            log.info("deleted %d orphaned file(s)", report.deleted)
+            remaining -= orphans - len(report.undeletable)
+        for path in report.undeletable:
+            log.warning("not deleting %s: not a name the mirror writes; look at it yourself", path)
+    if remaining:
+        log.error("verify: %d problem(s) remain", remaining)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirror", description="A PyPI mirror that publishes a verified static tree.")
     p.add_argument("--version", action="version", version=f"mirror {__version__}")
@@ -102,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", required=True, help="path to mirror.toml")
     s.add_argument("--metrics-textfile", help="write metrics for node_exporter's textfile collector")
     s.set_defaults(func=cmd_sync)
+
+    v = sub.add_parser("verify", help="check the tree against the state; optionally repair it")
+    v.add_argument("--config", "-c", required=True, help="path to mirror.toml")
+    v.add_argument("--hash", action="store_true", help="also check every file's sha256 (reads the whole tree)")
+    v.add_argument("--repair", action="store_true",
+                   help="download missing or corrupt files again and rewrite broken pages "
+                        "(queued for the running mirror if there is one)")
+    v.add_argument("--dry-run", action="store_true", help="say what --repair / --orphans delete would do; change nothing")
+    v.add_argument("--orphans", choices=["list", "delete"],
+                   help="also walk the tree for files no state row accounts for (delete needs the mirror stopped)")
+    v.set_defaults(func=cmd_verify)
     return p
 
 

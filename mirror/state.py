@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import quote
 
 from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, RootEntry, Serial
 
@@ -305,3 +306,62 @@ class State:
         """(files, bytes) in the tree, kept as running totals: O(1) at any size."""
         n, b = self.db.execute("SELECT files, bytes FROM totals WHERE id=0").fetchone()
         return int(n), int(b)
+
+    # -- verification ---------------------------------------------------------
+    @classmethod
+    def open_readonly(cls, state_dir: Path) -> State:
+        """A connection that cannot write, for checks that run next to a live
+        mirror.  Each batch below is its own short read transaction, so a long
+        verify never holds back the writer's WAL checkpoints."""
+        path = state_dir / "mirror.sqlite3"
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=10000")
+        return cls(db, path)
+
+    def iter_files(self, batch: int = 1000) -> Iterator[tuple[str, int, str]]:
+        """Every (path, size, sha256) in the tree, in path order, paged."""
+        after = ""
+        while rows := self.db.execute(
+            "SELECT path, size, sha256 FROM files WHERE path > ? ORDER BY path LIMIT ?", (after, batch)
+        ).fetchall():
+            for path, size, sha in rows:
+                yield str(path), int(size), str(sha)
+            after = rows[-1][0]
+
+    def iter_projects(self, batch: int = 1000) -> Iterator[NormalizedName]:
+        """Every published project's name, in order, paged."""
+        after = ""
+        while rows := self.db.execute(
+            "SELECT name FROM projects WHERE name > ? ORDER BY name LIMIT ?", (after, batch)
+        ).fetchall():
+            for (name,) in rows:
+                yield NormalizedName(name)
+            after = rows[-1][0]
+
+    def queue_repair(self, paths: Iterable[str] = (), projects: Iterable[str] = (), *, root: bool = False) -> list[str]:
+        """Make the next sync fetch ``paths`` again and rewrite the pages of
+        ``projects`` and of every project that links one of ``paths``.
+
+        The files' rows go (so the planner sees them missing), each project's
+        page digest is cleared (so its pages are written even if upstream did
+        not change) and the project joins ``todo`` at its published serial.
+        Whoever syncs next (a running daemon, or ``mirror verify --repair``
+        itself) does the work; ``root`` has it rewrite the root index too.
+        Returns the projects queued."""
+        names: set[str] = set(projects)
+        with self.db:
+            if root:
+                self.db.execute("INSERT INTO meta(key, value) VALUES('root_dirty', '1') "
+                                "ON CONFLICT(key) DO UPDATE SET value='1'")
+            for p in paths:
+                row = self.db.execute("SELECT size FROM files WHERE path=?", (p,)).fetchone()
+                if row is not None:
+                    self.db.execute("DELETE FROM files WHERE path=?", (p,))
+                    self.db.execute("UPDATE totals SET files=files-1, bytes=bytes-? WHERE id=0", (row[0],))
+                names.update(r[0] for r in self.db.execute("SELECT project FROM refs WHERE path=?", (p,)))
+            for name in names:
+                self.db.execute("UPDATE projects SET page_sha256='' WHERE name=?", (name,))
+                self.db.execute(
+                    "INSERT INTO todo(name, serial) SELECT name, serial FROM projects WHERE name=? "
+                    "ON CONFLICT(name) DO NOTHING", (name,))
+        return sorted(names)

@@ -37,6 +37,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Concatenate, ParamSpec
 
 import httpx
 import trio
@@ -60,6 +61,7 @@ from mirror.tree import Tree, disk_error
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
 
 # SQLite primary result codes that mean the disk, not the data, is at fault.
 _SQLITE_DISK_CODES = {
@@ -94,12 +96,11 @@ def disk_error_of(exc: BaseException) -> tuple[DiskError, int] | None:
 
 
 def _disk_error_aborts_cycle(
-    cycle: Callable[[Syncer], Awaitable[CycleReport]],
-) -> Callable[[Syncer], Awaitable[CycleReport]]:
-    @functools.wraps(cycle)
-    async def run(self: Syncer) -> CycleReport:
+    cycle: Callable[Concatenate[Syncer, _P], Awaitable[CycleReport]],
+) -> Callable[Concatenate[Syncer, _P], Awaitable[CycleReport]]:
+    async def run(self: Syncer, /, *args: _P.args, **kwargs: _P.kwargs) -> CycleReport:
         try:
-            return await cycle(self)
+            return await cycle(self, *args, **kwargs)
         except BaseException as e:
             found = disk_error_of(e)
             if found is None:
@@ -108,6 +109,7 @@ def _disk_error_aborts_cycle(
             self.metrics.cycles.labels("error").inc()
             raise found[0] from None
 
+    functools.update_wrapper(run, cycle)
     return run
 
 
@@ -408,10 +410,13 @@ class Syncer:
             self.state.clear_gone(gone)
 
     @_disk_error_aborts_cycle
-    async def sync_once(self) -> CycleReport:
+    async def sync_once(self, *, feed: bool = True) -> CycleReport:
+        """One cycle.  ``feed=False`` only works through what is already queued
+        (deferred projects, repairs from ``mirror verify``)."""
         report = CycleReport(started=time.time())
         t0 = trio.current_time()
-        await self.read_feed(report)
+        if feed:
+            await self.read_feed(report)
         root_error: DiskError | None = None
         try:
             await self.sync_projects(report)
