@@ -17,9 +17,10 @@ from typing import Any
 
 import trio
 
-from mirror import __version__
+from mirror import __version__, filters
 from mirror.config import Config, load_config
-from mirror.errors import MirrorError, SyncIncomplete
+from mirror.errors import ConfigError, MirrorError, SyncIncomplete
+from mirror.model import normalize_name
 from mirror.lock import DirectoryLock
 from mirror.metrics import Metrics
 from mirror.state import State
@@ -91,6 +92,41 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def explain_project(cfg: Config, state: State, name: str) -> list[str]:
+    """Why a project, and each of its files, is or is not mirrored."""
+    norm = normalize_name(name)
+    f = cfg.mirror_filters
+    lines = []
+    why = filters.project_allowed(f, norm) if f.active else None
+    published = state.project(norm)
+    lines.append(f"{norm}: " + (f"excluded ({why})" if why else "allowed by the filters")
+                 + ("; published" if published else "; not published"))
+    snap = state.snapshot(norm)
+    if snap is None:
+        lines.append("  no upstream snapshot in the state yet (never fetched); file-level filters not evaluated")
+        return lines
+    kept, dropped = filters.apply(f, snap) if f.active else (snap, [])
+    for rf in kept.files:
+        lines.append(f"  kept      {rf.filename}")
+    for filename, reason in dropped:
+        lines.append(f"  excluded  {filename}: {reason}")
+    return lines
+
+
+def cmd_filters(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    state_dir = cfg.mirror.directory / "state"
+    if not (state_dir / "mirror.sqlite3").exists():
+        raise ConfigError(f"{state_dir}: no mirror state yet; run `mirror sync` first")
+    state = State.open(state_dir)
+    try:
+        for name in args.explain:
+            print("\n".join(explain_project(cfg, state, name)))
+    finally:
+        state.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirror", description="A PyPI mirror that publishes a verified static tree.")
     p.add_argument("--version", action="version", version=f"mirror {__version__}")
@@ -102,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", required=True, help="path to mirror.toml")
     s.add_argument("--metrics-textfile", help="write metrics for node_exporter's textfile collector")
     s.set_defaults(func=cmd_sync)
+
+    f = sub.add_parser("filters", help="explain why projects and files are (not) mirrored")
+    f.add_argument("--config", "-c", required=True, help="path to mirror.toml")
+    f.add_argument("--explain", nargs="+", required=True, metavar="NAME", help="project name(s)")
+    f.set_defaults(func=cmd_filters)
     return p
 
 
