@@ -150,11 +150,15 @@ class State:
                 [(k, str(v)) for k, v in values.items()],
             )
 
-    def iter_todo(self, batch: int = 1000) -> Iterator[tuple[NormalizedName, Serial]]:
+    def _paged(self, table: str, batch: int) -> Iterator[tuple[NormalizedName, Serial]]:
+        """(name, serial) rows of ``table`` in name order, ``batch`` at a time.
+
+        No cursor stays open across a yield, so callers may write to the
+        database (even to this table) while they iterate."""
         after = ""
         while True:
             rows = self.db.execute(
-                "SELECT name, serial FROM todo WHERE name > ? ORDER BY name LIMIT ?", (after, batch)
+                f"SELECT name, serial FROM {table} WHERE name > ? ORDER BY name LIMIT ?", (after, batch)
             ).fetchall()
             if not rows:
                 return
@@ -162,18 +166,12 @@ class State:
                 yield NormalizedName(name), Serial(serial)
             after = rows[-1][0]
 
+    def iter_todo(self, batch: int = 1000) -> Iterator[tuple[NormalizedName, Serial]]:
+        return self._paged("todo", batch)
+
     def upstream_projects(self, batch: int = 5000) -> Iterator[tuple[NormalizedName, Serial]]:
         """Every project upstream is known to have, in batches (bounded memory)."""
-        after = ""
-        while True:
-            rows = self.db.execute(
-                "SELECT name, serial FROM upstream WHERE name > ? ORDER BY name LIMIT ?", (after, batch)
-            ).fetchall()
-            if not rows:
-                return
-            for name, serial in rows:
-                yield NormalizedName(name), Serial(serial)
-            after = rows[-1][0]
+        return self._paged("upstream", batch)
 
     def forget_upstream(self, name: str) -> None:
         with self.db:
