@@ -63,6 +63,9 @@ class Metrics:
         self.pending_retirement = Gauge(
             "mirror_files_pending_retirement", "Unreferenced files waiting for the grace period.", registry=r
         )
+        self.retirement_blocked = Gauge(
+            "mirror_retirement_blocked", "1 while the mass-deletion safety valve blocks a cycle.", registry=r
+        )
         self.tree_files = Gauge("mirror_tree_files", "Verified files in the tree.", registry=r)
         self.tree_bytes = Gauge("mirror_tree_bytes", "Bytes of verified files in the tree.", registry=r)
         self.up = Gauge("mirror_up", "1 while the mirror process runs.", registry=r)
