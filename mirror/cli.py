@@ -23,8 +23,10 @@ from mirror.errors import ConfigError, MirrorError, SyncIncomplete
 from mirror.model import normalize_name
 from mirror.lock import DirectoryLock
 from mirror.metrics import Metrics
+from mirror.progress import terminal_progress
 from mirror.state import State
-from mirror.sync import CycleReport, Syncer
+from mirror.status import read_status, render_text
+from mirror.sync import CycleReport, Progress, Syncer
 from mirror.tree import Tree
 from mirror.upstream import open_client
 
@@ -61,7 +63,7 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-async def run_sync(cfg: Config, *, metrics: Metrics) -> CycleReport:
+async def run_sync(cfg: Config, *, metrics: Metrics, progress: Progress | None = None) -> CycleReport:
     directory = cfg.mirror.directory
     tree = Tree(directory)
     removed = await trio.to_thread.run_sync(tree.prepare)
@@ -70,7 +72,7 @@ async def run_sync(cfg: Config, *, metrics: Metrics) -> CycleReport:
     state = State.open(directory / "state")
     try:
         async with open_client(cfg.upstream, workers=cfg.mirror.workers, version=__version__) as client:
-            syncer = Syncer(cfg, client=client, state=state, tree=tree, metrics=metrics)
+            syncer = Syncer(cfg, client=client, state=state, tree=tree, metrics=metrics, progress=progress)
             return await syncer.sync_once()
     finally:
         state.close()
@@ -82,7 +84,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     with DirectoryLock(cfg.mirror.directory / "state" / "lock"):
         started = time.monotonic()
         try:
-            report = trio.run(lambda: run_sync(cfg, metrics=metrics))
+            with terminal_progress(sys.stderr) as line:
+                report = trio.run(lambda: run_sync(cfg, metrics=metrics, progress=line))
         finally:
             if args.metrics_textfile:
                 metrics.write_textfile(Path(args.metrics_textfile))
@@ -127,6 +130,17 @@ def cmd_filters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    # No lock and a read-only database: this must answer while a sync runs.
+    cfg = load_config(args.config)
+    status = read_status(cfg.mirror.directory)
+    if args.json:
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        print(render_text(status, now=time.time()), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirror", description="A PyPI mirror that publishes a verified static tree.")
     p.add_argument("--version", action="version", version=f"mirror {__version__}")
@@ -143,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", "-c", required=True, help="path to mirror.toml")
     f.add_argument("--explain", nargs="+", required=True, metavar="NAME", help="project name(s)")
     f.set_defaults(func=cmd_filters)
+
+    st = sub.add_parser("status", help="show serials, lag, pending and failing projects, tree size")
+    st.add_argument("--config", "-c", required=True, help="path to mirror.toml")
+    st.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    st.set_defaults(func=cmd_status)
     return p
 
 

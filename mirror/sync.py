@@ -71,6 +71,9 @@ class CycleReport:
     files_retired: int = 0
     root_written: bool = False
     failed: dict[str, str] = field(default_factory=dict)
+    # for the progress line: files planned so far, and finished either way
+    files_planned: int = 0
+    files_done: int = 0
 
     @property
     def changed(self) -> bool:
@@ -199,6 +202,8 @@ class Syncer:
     async def sync_projects(self, report: CycleReport) -> None:
         total = self.state.todo_count()
         self.metrics.projects_pending.set(total)
+        if self.progress:
+            self.progress("projects", 0, total)
         send, recv = trio.open_memory_channel[tuple[NormalizedName, Serial]](0)
         done = 0
 
@@ -266,8 +271,9 @@ class Syncer:
         fetches = planner.plan_project(snap, present)
         errors: list[str] = []
         async with trio.open_nursery() as nursery:
+            report.files_planned += len(fetches)
             for job in fetches:
-                nursery.start_soon(self._fetch, name, job, present, errors, report)
+                nursery.start_soon(self._fetch_counted, name, job, present, errors, report)
         if errors:
             self._defer(name, "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""), report)
             return
@@ -299,6 +305,18 @@ class Syncer:
         orphans = self.state.publish_project(published, upstream=upstream_snap, page_sha256=digest, refs=refs)
         report.files_retired += len(orphans)
         report.projects_synced += 1
+
+    async def _fetch_counted(
+        self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
+        report: CycleReport,
+    ) -> None:
+        try:
+            await self._fetch(name, job, present, errors, report)
+        finally:
+            report.files_done += 1
+            if self.progress:
+                self.progress("files", report.files_done, report.files_planned)
+                self.progress("bytes", report.bytes_downloaded, 0)
 
     async def _fetch(
         self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
@@ -392,7 +410,9 @@ class Syncer:
         report.synced_serial = self.state.synced_serial()
         report.duration = trio.current_time() - t0
         self.state.set_meta(synced_serial=report.synced_serial, last_cycle=report.started,
-                            **({"last_success": time.time()} if not report.failed else {}))
+                            **({"last_success": time.time()} if not report.failed else {}),
+                            # for `mirror status`, which reads the state only
+                            **({"upstream_serial": report.upstream_serial} if report.upstream_serial else {}))
         self.update_gauges(report)
         return report
 
