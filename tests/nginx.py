@@ -26,7 +26,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +100,21 @@ class Nginx:
 
     def entries(self, since: int = 0) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self._lines()[since:]]
+
+    def wait_entries(
+        self, since: int, done: Callable[[list[dict[str, Any]]], bool], *, timeout: float = 15.0
+    ) -> list[dict[str, Any]]:
+        """Entries after ``since`` once ``done(entries)`` holds (or the deadline passes).
+
+        nginx logs a request after it has sent the response, so a client can
+        be done before its last line is written: poll instead of reading once.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.entries(since)
+            if done(entries) or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.02)
 
     def _lines(self) -> list[str]:
         try:

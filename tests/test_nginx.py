@@ -164,7 +164,11 @@ def _metadata_gets(entries: list[dict[str, Any]], agent: str) -> set[str]:
     }
 
 
-def _assert_json_and_metadata(served: Served, entries: list[dict[str, Any]], agent: str) -> None:
+def _assert_json_and_metadata(served: Served, since: int, agent: str) -> None:
+    wheels = {f"{f}.metadata" for f in served.metadata}
+    entries = served.nginx.wait_entries(
+        since, lambda es: len(_project_pages(es, agent)) >= 2 and _metadata_gets(es, agent) >= wheels
+    )
     pages = _project_pages(entries, agent)
     assert {e["uri"] for e in pages} == {"/simple/hello-app/", "/simple/hello-dep/"}, entries
     # Every project page this client got was the PEP 691 JSON one.
@@ -172,7 +176,6 @@ def _assert_json_and_metadata(served: Served, entries: list[dict[str, Any]], age
     assert all(e["status"] == 200 and JSON in e["accept"] for e in pages)
     # PEP 658: the resolver read the dependency from the .metadata file,
     # served as text.
-    wheels = {f"{f}.metadata" for f in served.metadata}
     assert _metadata_gets(entries, agent) == wheels, entries
     assert {e["content_type"] for e in entries if e["uri"].endswith(".metadata")} == {"text/plain; charset=utf-8"}
 
@@ -194,7 +197,7 @@ def test_pip_install_resolves_the_dependency_through_nginx(served: Served, pip_v
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Successfully installed hello-app-1.0 hello-dep-1.0" in r.stdout, r.stdout
     assert _imports(pip_venv / "bin/python") == "1.0 1.0"
-    _assert_json_and_metadata(served, served.nginx.entries(mark), "pip/")
+    _assert_json_and_metadata(served, mark, "pip/")
 
 
 def test_uv_pip_install_resolves_the_dependency_through_nginx(served: Served) -> None:
@@ -208,7 +211,7 @@ def test_uv_pip_install_resolves_the_dependency_through_nginx(served: Served) ->
     assert r.returncode == 0, r.stdout + r.stderr
     assert "+ hello-app==1.0" in r.stderr and "+ hello-dep==1.0" in r.stderr, r.stderr
     assert _imports(venv / "bin/python") == "1.0 1.0"
-    _assert_json_and_metadata(served, served.nginx.entries(mark), "uv/")
+    _assert_json_and_metadata(served, mark, "uv/")
 
 
 def _requirements(path: Path, served: Served, *, corrupt: bool = False) -> Path:
@@ -243,7 +246,11 @@ def test_access_log_is_one_json_object_per_request(served: Served) -> None:
     with httpx.Client(timeout=10) as c:
         mark = served.nginx.log_mark()
         c.get(f"{served.nginx.url}/simple/hello-dep/", headers={"Accept": CLIENT_ACCEPT, "User-Agent": 'odd "agent"'})
-    (entry,) = served.nginx.entries(mark)
+
+    def ours(es: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in es if e["user_agent"].startswith("odd")]
+
+    (entry,) = ours(served.nginx.wait_entries(mark, lambda es: len(ours(es)) >= 1))
     assert entry["uri"] == "/simple/hello-dep/" and entry["status"] == 200
     # escape=json: a quote in a header cannot break the line apart.
     assert entry["content_type"] == JSON and entry["user_agent"] == 'odd "agent"'
