@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mirror import cli
-from mirror.lock import lock_holder
+from mirror.lock import DirectoryLock, lock_holder
 from mirror.metrics import Metrics
 from mirror.state import State
 from mirror.status import FailedProject, Status, human_bytes, human_duration, render_text
@@ -176,3 +176,33 @@ def test_human_bytes(n: int, text: str) -> None:
 )
 def test_human_duration(s: float, text: str) -> None:
     assert human_duration(s) == text
+
+
+def test_status_probes_never_make_a_starting_sync_fail(tmp_path: Path) -> None:
+    """`mirror status` run in a loop (a monitoring probe) must not make a
+    starting `mirror sync` / `mirror run` exit with "lock held"."""
+    lock = tmp_path / "state" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    probe = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from pathlib import Path\n"
+         "from mirror.lock import lock_holder\n"
+         "lock, n, end = Path(sys.argv[1]), 0, time.monotonic() + 20\n"
+         "print('go', flush=True)\n"
+         "while time.monotonic() < end:\n"
+         "    lock_holder(lock)\n"
+         "    n += 1\n",
+         str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert probe.stdout is not None and probe.stdout.readline() == "go\n"
+        for _ in range(300):
+            with DirectoryLock(lock):
+                assert lock_holder(lock) == str(os.getpid())
+    finally:
+        probe.kill()
+        probe.communicate()
+    assert lock_holder(lock) is None
