@@ -19,7 +19,8 @@ import trio
 
 from mirror import __version__, filters
 from mirror.config import Config, load_config
-from mirror.errors import ConfigError, MirrorError, SyncIncomplete
+from mirror.daemon import run_daemon
+from mirror.errors import ConfigError, MirrorError, SyncIncomplete, leaves
 from mirror.model import normalize_name
 from mirror.lock import DirectoryLock
 from mirror.metrics import Metrics
@@ -141,6 +142,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    with DirectoryLock(cfg.mirror.directory / "state" / "lock"):
+        return run_daemon(cfg, config_path=Path(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirror", description="A PyPI mirror that publishes a verified static tree.")
     p.add_argument("--version", action="version", version=f"mirror {__version__}")
@@ -152,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", required=True, help="path to mirror.toml")
     s.add_argument("--metrics-textfile", help="write metrics for node_exporter's textfile collector")
     s.set_defaults(func=cmd_sync)
+
+    r = sub.add_parser("run", help="run as a daemon: sync every [daemon] poll_interval until SIGTERM")
+    r.add_argument("--config", "-c", required=True, help="path to mirror.toml (read again on SIGHUP)")
+    r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("filters", help="explain why projects and files are (not) mirrored")
     f.add_argument("--config", "-c", required=True, help="path to mirror.toml")
@@ -173,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     except MirrorError as e:
         log.error("%s", e)
         return e.exit_code
+    except BaseExceptionGroup as group:
+        # A nursery wraps task errors in a group: report ours the same way.
+        errors = leaves(group)
+        if not all(isinstance(e, MirrorError) for e in errors):
+            raise
+        for message in list(dict.fromkeys(map(str, errors)))[:5]:
+            log.error("%s", message)
+        return int(getattr(errors[0], "exit_code", 1))
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

@@ -69,6 +69,12 @@ class Metrics:
         self.tree_files = Gauge("mirror_tree_files", "Verified files in the tree.", registry=r)
         self.tree_bytes = Gauge("mirror_tree_bytes", "Bytes of verified files in the tree.", registry=r)
         self.up = Gauge("mirror_up", "1 while the mirror process runs.", registry=r)
+        self.failed_cycles = Gauge(
+            "mirror_consecutive_failed_cycles", "Cycles in a row that ended in an error (the daemon backs off).", registry=r
+        )
+        self.reloads = Counter("mirror_config_reloads_total", "SIGHUP config reloads by outcome.", ["outcome"], registry=r)
+        for o in ("ok", "error"):
+            self.reloads.labels(o)
         self.info = Info("mirror", "Version of the mirror software.", registry=r)
         self.info.info({"version": __version__})
 

@@ -110,6 +110,9 @@ class Syncer:
         self.limiter = trio.CapacityLimiter(cfg.mirror.workers)
         self.downloader = Downloader(client, tree, cfg=cfg.upstream, metrics=metrics, limiter=self.limiter)
         self.progress = progress
+        # Set by the daemon on SIGTERM: projects already started finish, no
+        # new one is handed out.
+        self.stop_requested = False
 
     # -- feed -----------------------------------------------------------------
     async def read_feed(self, report: CycleReport) -> None:
@@ -223,6 +226,8 @@ class Syncer:
             await recv.aclose()
             async with send:
                 for item in self.state.iter_todo():
+                    if self.stop_requested:
+                        break
                     await send.send(item)
 
     async def sync_project(self, name: NormalizedName, promised: Serial, report: CycleReport) -> None:
@@ -426,6 +431,11 @@ class Syncer:
         m.cycles.labels("partial" if report.failed else "ok").inc()
         if not report.failed:
             m.last_success.set(time.time())
+        self.update_state_gauges()
+
+    def update_state_gauges(self) -> None:
+        """The gauges read from the state DB (cheap queries; also used at daemon start)."""
+        m = self.metrics
         m.projects_pending.set(self.state.todo_count())
         m.projects_failed.set(len(self.state.failures()))
         m.pending_retirement.set(self.state.retire_count())
