@@ -17,10 +17,10 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import httpx
 import trio
@@ -163,17 +163,23 @@ class Downloader:
                     raise DownloadError(url, "http_status", f"HTTP {r.status_code}")
                 # Chunks as they arrive (<= 64 KB), so the size check and the
                 # moving deadline see every read.
-                async for chunk in r.aiter_bytes():
-                    n += len(chunk)
-                    if size is not None and n > size:
-                        # Stop at size + 1: never store more than promised.
-                        raise SizeMismatch(url, size, n)
-                    if size is None:
-                        if limit is not None and n > limit:
-                            raise DownloadError(url, "size_mismatch", f"body exceeds the {limit}-byte limit")
-                        scope.deadline = max(scope.deadline, started + self.cfg.timeout + n / MIN_RATE)
-                    h.update(chunk)
-                    await sink.add(chunk)
+                chunks = cast(AsyncGenerator[bytes, None], r.aiter_bytes())
+                try:
+                    async for chunk in chunks:
+                        n += len(chunk)
+                        if size is not None and n > size:
+                            # Stop at size + 1: never store more than promised.
+                            raise SizeMismatch(url, size, n)
+                        if size is None:
+                            if limit is not None and n > limit:
+                                raise DownloadError(url, "size_mismatch", f"body exceeds the {limit}-byte limit")
+                            scope.deadline = max(scope.deadline, started + self.cfg.timeout + n / MIN_RATE)
+                        h.update(chunk)
+                        await sink.add(chunk)
+                finally:
+                    # Close the generator now rather than at garbage collection,
+                    # when trio would warn about an unfinished async generator.
+                    await chunks.aclose()
         except httpx.TimeoutException as e:
             raise DownloadError(url, "timeout", type(e).__name__) from None
         except httpx.RemoteProtocolError as e:

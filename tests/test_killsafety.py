@@ -130,3 +130,4 @@ def _provenance_count(web: Path) -> int:
 
 def _tree_bytes(web: Path) -> int:
     return sum(p.stat().st_size for p in tree_files(web).values())
+
