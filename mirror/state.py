@@ -31,6 +31,8 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from types import TracebackType
+from typing import Literal
 from urllib.parse import quote
 
 from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, RootEntry, Serial
@@ -69,6 +71,43 @@ def decode_snapshot(blob: bytes) -> ProjectSnapshot:
     return ProjectSnapshot(files=files, **d)
 
 
+class _Connection(sqlite3.Connection):
+    """A connection on which ``with db:`` is one transaction.
+
+    The connection runs in autocommit mode (``isolation_level=None``), where
+    sqlite3's own context manager commits but never begins: each statement in
+    it was its own transaction, and a kill -9 between two of them left half an
+    update (a file counted in ``totals`` but absent from ``files``, a project
+    recorded without its refs).  BEGIN IMMEDIATE takes the write lock up front,
+    so a second writer (``mirror verify --repair`` next to a daemon) waits on
+    busy_timeout instead of failing halfway.  Nested blocks join the outer one.
+    """
+
+    depth = 0
+
+    def __enter__(self) -> _Connection:
+        if self.depth == 0:
+            self.execute("BEGIN IMMEDIATE")
+        self.depth += 1
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None,
+    ) -> Literal[False]:
+        self.depth -= 1
+        if self.depth == 0 and self.in_transaction:
+            if et is None:
+                try:
+                    self.execute("COMMIT")
+                except BaseException:
+                    if self.in_transaction:  # e.g. the disk filled at commit
+                        self.execute("ROLLBACK")
+                    raise
+            else:
+                self.execute("ROLLBACK")
+        return False
+
+
 class State:
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self.db = db
@@ -78,7 +117,7 @@ class State:
     def open(cls, state_dir: Path) -> State:
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / "mirror.sqlite3"
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=True, factory=_Connection)
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash; a power cut may lose
         # the last commits, which only makes us redo work (files found on disk
@@ -345,7 +384,7 @@ class State:
         mirror.  Each batch below is its own short read transaction, so a long
         verify never holds back the writer's WAL checkpoints."""
         path = state_dir / "mirror.sqlite3"
-        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None, factory=_Connection)
         db.execute("PRAGMA busy_timeout=10000")
         return cls(db, path)
 

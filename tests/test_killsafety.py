@@ -131,3 +131,30 @@ def _provenance_count(web: Path) -> int:
 def _tree_bytes(web: Path) -> int:
     return sum(p.stat().st_size for p in tree_files(web).values())
 
+
+_DIE_AFTER = """
+import os, sys
+from pathlib import Path
+from mirror.state import State
+state = State.open(Path(sys.argv[1]))
+def trace(sql):
+    if sys.argv[2] in sql:
+        os._exit(9)  # as if killed -9 when this statement starts: the ones before it ran
+state.db.set_trace_callback(trace)
+state.record_file("packages/aa/f.whl", 10, "0" * 64)
+"""
+
+
+@pytest.mark.parametrize("statement", ["INSERT INTO files", "DELETE FROM retire"])
+def test_a_state_update_dies_whole_or_not_at_all(statement: str, tmp_path: Path) -> None:
+    """Each State method is one transaction, even when the process dies
+    between two of its statements."""
+    r = subprocess.run([sys.executable, "-c", _DIE_AFTER, str(tmp_path), statement],
+                       cwd=Path(__file__).parent.parent, timeout=60)
+    assert r.returncode == 9
+    state = State.open(tmp_path)
+    rows = state.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()
+    assert state.tree_totals() == tuple(rows) == (0, 0)
+    state.record_file("packages/aa/f.whl", 10, "0" * 64)
+    assert state.tree_totals() == (1, 10)
+    state.close()
