@@ -210,19 +210,28 @@ class State:
 
     def record_file(self, path: str, size: int, sha256: str) -> None:
         """Called right after the file was renamed into place."""
+        self.record_files([(path, size, sha256)])
+
+    def record_files(self, rows: Iterable[tuple[str, int, str]]) -> None:
+        """Record files already renamed into place, in one transaction.
+
+        The sync engine calls this once per project rather than once per
+        file: a commit per file was a measurable share of the event loop's
+        time on a first sync."""
         with self.db:
-            row = self.db.execute("SELECT size FROM files WHERE path=?", (path,)).fetchone()
-            self.db.execute(
-                "UPDATE totals SET files=files+?, bytes=bytes+? WHERE id=0",
-                (0 if row else 1, size - (row[0] if row else 0)),
-            )
-            self.db.execute(
-                "INSERT INTO files(path, size, sha256) VALUES(?, ?, ?) "
-                "ON CONFLICT(path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256",
-                (path, size, sha256),
-            )
-            # A path that is back in use is no longer up for retirement.
-            self.db.execute("DELETE FROM retire WHERE path=?", (path,))
+            for path, size, sha256 in rows:
+                row = self.db.execute("SELECT size FROM files WHERE path=?", (path,)).fetchone()
+                self.db.execute(
+                    "UPDATE totals SET files=files+?, bytes=bytes+? WHERE id=0",
+                    (0 if row else 1, size - (row[0] if row else 0)),
+                )
+                self.db.execute(
+                    "INSERT INTO files(path, size, sha256) VALUES(?, ?, ?) "
+                    "ON CONFLICT(path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256",
+                    (path, size, sha256),
+                )
+                # A path that is back in use is no longer up for retirement.
+                self.db.execute("DELETE FROM retire WHERE path=?", (path,))
 
     def publish_project(
         self,

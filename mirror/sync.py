@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import httpx
 import trio
 
-from mirror import planner, render
+from mirror import planner, render, rootindex
 from mirror.config import Config
 from mirror.download import Downloader
 from mirror.errors import (
@@ -214,9 +214,16 @@ class Syncer:
         present = self.state.known_files(wanted)
         fetches = planner.plan_project(snap, present)
         errors: list[str] = []
-        async with trio.open_nursery() as nursery:
-            for job in fetches:
-                nursery.start_soon(self._fetch, name, job, present, errors, report)
+        # Files are recorded in one transaction per project, and even when a
+        # disk error aborts the others; one that is renamed but not recorded
+        # (killed in between) is adopted after a hash check next time.
+        recorded: list[tuple[str, int, str]] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for job in fetches:
+                    nursery.start_soon(self._fetch, name, job, present, errors, report, recorded)
+        finally:
+            self.state.record_files(recorded)
         if errors:
             self._defer(name, "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""), report)
             return
@@ -251,14 +258,14 @@ class Syncer:
 
     async def _fetch(
         self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
-        report: CycleReport,
+        report: CycleReport, recorded: list[tuple[str, int, str]],
     ) -> None:
         # A run killed between rename and state commit left the right bytes
         # in place: adopt them after a hash check instead of downloading.
         if job.sha256 is not None:
             size = await trio.to_thread.run_sync(self.tree.adopt, job.rel, job.size, job.sha256)
             if size is not None:
-                self.state.record_file(job.rel, size, job.sha256)
+                recorded.append((job.rel, size, job.sha256))
                 present[job.rel] = (size, job.sha256)
                 return
         try:
@@ -277,7 +284,7 @@ class Syncer:
             log.warning("%s: provenance for %s is not valid JSON; not mirrored", name, job.filename[:-11])
             return
         await trio.to_thread.run_sync(self.tree.commit_file, v.tmp, job.rel)
-        self.state.record_file(job.rel, v.size, v.sha256)
+        recorded.append((job.rel, v.size, v.sha256))
         present[job.rel] = (v.size, v.sha256)
         report.files_downloaded += 1
         report.bytes_downloaded += v.size
@@ -298,14 +305,9 @@ class Syncer:
         gone = self.state.gone()
         if not (report.projects_synced or report.projects_removed or gone):
             return
-        serial = self.state.serial
-        root_html = render.root_html(self.state.root_entries())
-        root_json = render.root_json(self.state.root_entries(), serial=serial)
-        await trio.to_thread.run_sync(self.tree.write_files, [
-            ("simple/index.html", root_html),
-            ("simple/index.v1_html", root_html),
-            ("simple/index.v1_json", root_json),
-        ])
+        # One streaming pass in a worker thread: the root is the only page
+        # whose size grows with the index (600k projects on PyPI).
+        await trio.to_thread.run_sync(rootindex.write_root, self.tree, self.state.path, self.state.serial)
         report.root_written = True
         if gone:
             paths = [p for n in gone for p in (*planner.page_paths(n), f"pypi/{n}/json")]
