@@ -8,6 +8,8 @@ config file, which is what an operator expects from a systemd unit.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import socket
 import tomllib
@@ -17,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mirror.errors import ConfigError
+from mirror.filters import Filters, parse_filters
 
 FEEDS = ("changelog", "simple", "auto")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -67,7 +70,10 @@ class Config:
     mirror: MirrorConfig = MirrorConfig()
     daemon: DaemonConfig = DaemonConfig()
     metrics: MetricsConfig = MetricsConfig()
-    filters: dict[str, Any] = field(default_factory=dict)
+    mirror_filters: Filters = field(default_factory=Filters)
+    # Identifies the filter settings (including an allow_from file's text) so
+    # a sync can tell that they changed and replay the state against them.
+    filters_fingerprint: str = ""
     source: str = "<defaults>"
 
 
@@ -227,12 +233,24 @@ def parse_config(data: dict[str, Any], *, source: str, base: Path) -> Config:
     filters = data.get("filters", {})
     if not isinstance(filters, dict):
         raise ConfigError(f"{source}: [filters] must be a table")
+    allow_from_text = None
+    if isinstance(filters.get("allow_from"), str):
+        req_path = (base / Path(filters["allow_from"]).expanduser())
+        try:
+            allow_from_text = req_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: filters.allow_from: cannot read {req_path}: {e}") from None
+    parsed_filters = parse_filters(filters, source=source, allow_from_text=allow_from_text)
+    fingerprint = hashlib.sha256(
+        json.dumps([filters, allow_from_text], sort_keys=True, default=str).encode()
+    ).hexdigest() if parsed_filters.active else ""
     return Config(
         upstream=_upstream(_Section(data.get("upstream", {}), "upstream", source)),
         mirror=_mirror(_Section(data.get("mirror", {}), "mirror", source), base),
         daemon=_daemon(_Section(data.get("daemon", {}), "daemon", source)),
         metrics=_metrics(_Section(data.get("metrics", {}), "metrics", source)),
-        filters=dict(filters),
+        mirror_filters=parsed_filters,
+        filters_fingerprint=fingerprint,
         source=source,
     )
 

@@ -17,10 +17,10 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import httpx
 import trio
@@ -154,13 +154,19 @@ class Downloader:
                 self.metrics.upstream_requests.labels("file").inc()
                 if r.status_code != 200:
                     raise DownloadError(url, "http_status", f"HTTP {r.status_code}")
-                async for chunk in r.aiter_bytes(256 * 1024):
-                    n += len(chunk)
-                    if size is not None and n > size:
-                        # Stop at size + 1: never store more than promised.
-                        raise SizeMismatch(url, size, n)
-                    h.update(chunk)
-                    await sink.add(chunk)
+                chunks = cast(AsyncGenerator[bytes, None], r.aiter_bytes(256 * 1024))
+                try:
+                    async for chunk in chunks:
+                        n += len(chunk)
+                        if size is not None and n > size:
+                            # Stop at size + 1: never store more than promised.
+                            raise SizeMismatch(url, size, n)
+                        h.update(chunk)
+                        await sink.add(chunk)
+                finally:
+                    # Close the generator now rather than at garbage collection,
+                    # when trio would warn about an unfinished async generator.
+                    await chunks.aclose()
         except httpx.TimeoutException as e:
             raise DownloadError(url, "timeout", type(e).__name__) from None
         except httpx.RemoteProtocolError as e:

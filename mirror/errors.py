@@ -132,3 +132,11 @@ class SyncIncomplete(MirrorError):
         more = f" (+{len(failed) - 20} more)" if len(failed) > 20 else ""
         super().__init__(f"{len(failed)} project(s) deferred to the next run: {names}{more}")
         self.failed = dict(failed)
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside a (nested) exception group: trio's
+    nurseries wrap every task error in one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in leaves(e)]
+    return [exc]

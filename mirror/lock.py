@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from types import TracebackType
 
 from mirror.errors import DiskError, LockHeld
+
+CONTENTION_GRACE = 0.5  # seconds
 
 
 class DirectoryLock:
@@ -27,14 +30,23 @@ class DirectoryLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise DiskError(f"cannot open lock file {self.path}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # `lock_holder` (mirror status, monitoring probes) holds a shared
+        # lock for a few microseconds; retry briefly so a probe can never make
+        # a starting instance fail.  A real holder keeps the lock far longer.
+        deadline = time.monotonic() + CONTENTION_GRACE
+        while True:
             try:
-                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            finally:
-                os.close(fd)
-            raise LockHeld(str(self.path), pid) from None
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                try:
+                    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                finally:
+                    os.close(fd)
+                raise LockHeld(str(self.path), pid) from None
         if not self.shared:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -63,9 +63,18 @@ class Metrics:
         self.pending_retirement = Gauge(
             "mirror_files_pending_retirement", "Unreferenced files waiting for the grace period.", registry=r
         )
+        self.retirement_blocked = Gauge(
+            "mirror_retirement_blocked", "1 while the mass-deletion safety valve blocks a cycle.", registry=r
+        )
         self.tree_files = Gauge("mirror_tree_files", "Verified files in the tree.", registry=r)
         self.tree_bytes = Gauge("mirror_tree_bytes", "Bytes of verified files in the tree.", registry=r)
         self.up = Gauge("mirror_up", "1 while the mirror process runs.", registry=r)
+        self.failed_cycles = Gauge(
+            "mirror_consecutive_failed_cycles", "Cycles in a row that ended in an error (the daemon backs off).", registry=r
+        )
+        self.reloads = Counter("mirror_config_reloads_total", "SIGHUP config reloads by outcome.", ["outcome"], registry=r)
+        for o in ("ok", "error"):
+            self.reloads.labels(o)
         self.info = Info("mirror", "Version of the mirror software.", registry=r)
         self.info.info({"version": __version__})
 

@@ -13,6 +13,9 @@ Tables
   retire    paths no page references any more, with the time that happened
   gone      projects whose pages must be deleted once the root index no
             longer lists them
+  upstream  every project the feed has shown us with its last serial, mirrored
+            or filtered out, so a filter change knows what upstream has
+            without asking it again
 
 Only the trio thread touches the connection.  Every method is one short
 transaction; none of them reads a whole table into memory except through
@@ -46,6 +49,7 @@ CREATE TABLE IF NOT EXISTS todo(
     last_error TEXT, display TEXT);
 CREATE TABLE IF NOT EXISTS retire(path TEXT PRIMARY KEY, since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS gone(name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS upstream(name TEXT PRIMARY KEY, display TEXT, serial INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals(id INTEGER PRIMARY KEY CHECK (id = 0), files INTEGER NOT NULL, bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals(id, files, bytes) VALUES(0, 0, 0);
 """
@@ -115,15 +119,23 @@ class State:
 
     # -- todo -------------------------------------------------------------
     def add_todo(
-        self, targets: Mapping[str, int], *, position: int | None = None,
-        display: Mapping[str, str] | None = None, **meta: str | int,
+        self, targets: Mapping[NormalizedName, int], *, position: int | None = None,
+        display: Mapping[NormalizedName, str] | None = None, seen: Mapping[NormalizedName, int] | None = None,
+        **meta: str | int,
     ) -> None:
         """Record what the feed promised, and the new feed position, atomically.
 
         ``display`` keeps the project's display name (pages only carry the
-        normalized one) for the root index."""
+        normalized one) for the root index.  ``seen`` is every project the
+        feed mentioned, including filtered-out ones, for the ``upstream`` table."""
         display = display or {}
         with self.db:
+            self.db.executemany(
+                "INSERT INTO upstream(name, display, serial) VALUES(?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET serial=MAX(serial, excluded.serial), "
+                "display=COALESCE(excluded.display, display)",
+                [(n, display.get(n), s) for n, s in (seen if seen is not None else targets).items()],
+            )
             self.db.executemany(
                 "INSERT INTO todo(name, serial, display) VALUES(?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET serial=MAX(serial, excluded.serial), "
@@ -138,17 +150,32 @@ class State:
                 [(k, str(v)) for k, v in values.items()],
             )
 
-    def iter_todo(self, batch: int = 1000) -> Iterator[tuple[NormalizedName, Serial]]:
+    def _paged(self, table: str, batch: int) -> Iterator[tuple[NormalizedName, Serial]]:
+        """(name, serial) rows of ``table`` in name order, ``batch`` at a time.
+
+        No cursor stays open across a yield, so callers may write to the
+        database (even to this table) while they iterate."""
         after = ""
         while True:
             rows = self.db.execute(
-                "SELECT name, serial FROM todo WHERE name > ? ORDER BY name LIMIT ?", (after, batch)
+                f"SELECT name, serial FROM {table} WHERE name > ? ORDER BY name LIMIT ?", (after, batch)
             ).fetchall()
             if not rows:
                 return
             for name, serial in rows:
                 yield NormalizedName(name), Serial(serial)
             after = rows[-1][0]
+
+    def iter_todo(self, batch: int = 1000) -> Iterator[tuple[NormalizedName, Serial]]:
+        return self._paged("todo", batch)
+
+    def upstream_projects(self, batch: int = 5000) -> Iterator[tuple[NormalizedName, Serial]]:
+        """Every project upstream is known to have, in batches (bounded memory)."""
+        return self._paged("upstream", batch)
+
+    def forget_upstream(self, name: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM upstream WHERE name=?", (name,))
 
     def display_name(self, name: str) -> str | None:
         """The display name the feed gave, else the one we published."""
@@ -157,6 +184,10 @@ class State:
             "UNION ALL SELECT display FROM projects WHERE name=?", (name, name)
         ).fetchone()
         return None if row is None else str(row[0])
+
+    def drop_todo(self, name: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM todo WHERE name=?", (name,))
 
     def todo_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM todo").fetchone()[0])

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import httpx
 import trio
 
-from mirror import planner, render, rootindex
+from mirror import filters, planner, render, rootindex
 from mirror.config import Config
 from mirror.download import Downloader
 from mirror.errors import (
@@ -71,6 +71,9 @@ class CycleReport:
     files_retired: int = 0
     root_written: bool = False
     failed: dict[str, str] = field(default_factory=dict)
+    # for the progress line: files planned so far, and finished either way
+    files_planned: int = 0
+    files_done: int = 0
 
     @property
     def changed(self) -> bool:
@@ -107,6 +110,9 @@ class Syncer:
         self.limiter = trio.CapacityLimiter(cfg.mirror.workers)
         self.downloader = Downloader(client, tree, cfg=cfg.upstream, metrics=metrics, limiter=self.limiter)
         self.progress = progress
+        # Set by the daemon on SIGTERM: projects already started finish, no
+        # new one is handed out.
+        self.stop_requested = False
 
     # -- feed -----------------------------------------------------------------
     async def read_feed(self, report: CycleReport) -> None:
@@ -139,7 +145,8 @@ class Syncer:
                 log.warning("upstream serial %d is below our feed position %d; is this the same upstream?", last, pos)
             return
         self._reject_names(changes.rejected)
-        self.state.add_todo(changes.targets, position=max(pos, position), display=changes.display)
+        self.state.add_todo(self._wanted(changes.targets), position=max(pos, position),
+                            display=changes.display, seen=changes.targets)
         log.info("feed: %d project(s) changed between serial %d and %d", len(changes.targets), pos, position)
 
     async def _read_root(self, report: CycleReport) -> None:
@@ -156,10 +163,38 @@ class Syncer:
             targets.setdefault(name, Serial(0))
         position = serial if serial is not None else max((e.serial for e in entries), default=0)
         report.upstream_serial = position
-        self.state.add_todo(targets, position=max(self.state.serial, position),
+        self.state.add_todo(self._wanted(targets), position=max(self.state.serial, position),
                             display={e.name: e.display_name for e in entries if e.name in targets},
-                            root_etag=etag or "", upstream_serial=position)
+                            seen=targets, root_etag=etag or "", upstream_serial=position)
         log.info("root index: %d project(s) to sync, %d missing upstream", len(targets), len(missing))
+
+    def _wanted(self, targets: dict[NormalizedName, Serial]) -> dict[NormalizedName, Serial]:
+        """Projects the filters exclude are remembered, never fetched; a
+        published project is always kept so an exclusion can unpublish it."""
+        f = self.cfg.mirror_filters
+        if not f.active:
+            return targets
+        return {n: s for n, s in targets.items()
+                if filters.project_allowed(f, n) is None or self.state.project(n) is not None}
+
+    def refilter_if_changed(self) -> int:
+        """After a filter change, queue every project whose outcome may differ.
+
+        Published projects are replayed from their stored upstream snapshot
+        (no upstream request); upstream projects never mirrored but now
+        allowed are queued with the serial the feed gave them.  This is the
+        one O(projects) step, and it runs only when the filters change."""
+        fingerprint = self.cfg.filters_fingerprint
+        if self.state.meta("filters", "") == fingerprint:
+            return 0
+        f = self.cfg.mirror_filters
+        queued: dict[NormalizedName, Serial] = dict(self.state.project_serials())
+        for name, serial in self.state.upstream_projects():
+            if name not in queued and (not f.active or filters.project_allowed(f, name) is None):
+                queued[name] = serial
+        self.state.add_todo(queued, seen={}, filters=fingerprint)
+        log.info("filters changed: %d project(s) queued to be re-checked", len(queued))
+        return len(queued)
 
     def _reject_names(self, rejected: tuple[str, ...] | list[str]) -> None:
         for name in rejected:
@@ -170,6 +205,8 @@ class Syncer:
     async def sync_projects(self, report: CycleReport) -> None:
         total = self.state.todo_count()
         self.metrics.projects_pending.set(total)
+        if self.progress:
+            self.progress("projects", 0, total)
         send, recv = trio.open_memory_channel[tuple[NormalizedName, Serial]](0)
         done = 0
 
@@ -189,12 +226,28 @@ class Syncer:
             await recv.aclose()
             async with send:
                 for item in self.state.iter_todo():
+                    if self.stop_requested:
+                        break
                     await send.send(item)
 
     async def sync_project(self, name: NormalizedName, promised: Serial, report: CycleReport) -> None:
+        f = self.cfg.mirror_filters
+        if f.active and (why := filters.project_allowed(f, name)) is not None:
+            if self.state.project(name) is not None:
+                log.info("%s: excluded by the filters (%s); unpublishing", name, why)
+                self._remove(name, report)
+            else:
+                self.state.drop_todo(name)
+            return
+        stored = self.state.snapshot(name) if promised > 0 else None
+        if stored is not None and stored.serial is not None and stored.serial >= promised:
+            # Replaying what we already know (a filter change): no upstream request.
+            await self.publish_snapshot(stored, report)
+            return
         try:
             snap = await self.upstream.project_page(name, min_serial=promised)
         except ProjectNotFound:
+            self.state.forget_upstream(name)
             self._remove(name, report)
             return
         except (UpstreamError, UnsafeInput) as e:
@@ -202,6 +255,10 @@ class Syncer:
                 self.metrics.rejected.labels("api_version" if isinstance(e, UnsupportedAPIVersion) else "malformed").inc()
             self._defer(name, str(e), report)
             return
+        if snap.serial is None:
+            # An upstream without serials (plain PEP 503): what we fetched now
+            # is as fresh as anything the feed promised.
+            snap = replace(snap, serial=promised)
         for why in snap.rejected:
             self.metrics.rejected.labels("path").inc()
             log.warning("%s: refused a file entry from upstream: %s", name, why)
@@ -210,6 +267,10 @@ class Syncer:
     async def publish_snapshot(self, upstream_snap: ProjectSnapshot, report: CycleReport) -> None:
         name = upstream_snap.name
         snap = upstream_snap
+        if self.cfg.mirror_filters.active:
+            snap, dropped = filters.apply(self.cfg.mirror_filters, upstream_snap)
+            if dropped:
+                log.debug("%s: %d file(s) excluded by the filters", name, len(dropped))
         wanted = [p for f in snap.files for p in (f.path, f.metadata_path, f.provenance_path)]
         present = self.state.known_files(wanted)
         fetches = planner.plan_project(snap, present)
@@ -220,8 +281,9 @@ class Syncer:
         recorded: list[tuple[str, int, str]] = []
         try:
             async with trio.open_nursery() as nursery:
+                report.files_planned += len(fetches)
                 for job in fetches:
-                    nursery.start_soon(self._fetch, name, job, present, errors, report, recorded)
+                    nursery.start_soon(self._fetch_counted, name, job, present, errors, report, recorded)
         finally:
             self.state.record_files(recorded)
         if errors:
@@ -256,6 +318,18 @@ class Syncer:
         report.files_retired += len(orphans)
         report.projects_synced += 1
 
+    async def _fetch_counted(
+        self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
+        report: CycleReport, recorded: list[tuple[str, int, str]],
+    ) -> None:
+        try:
+            await self._fetch(name, job, present, errors, report, recorded)
+        finally:
+            report.files_done += 1
+            if self.progress:
+                self.progress("files", report.files_done, report.files_planned)
+                self.progress("bytes", report.bytes_downloaded, 0)
+
     async def _fetch(
         self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
         report: CycleReport, recorded: list[tuple[str, int, str]],
@@ -283,7 +357,14 @@ class Syncer:
             self.metrics.rejected.labels("malformed").inc()
             log.warning("%s: provenance for %s is not valid JSON; not mirrored", name, job.filename[:-11])
             return
-        await trio.to_thread.run_sync(self.tree.commit_file, v.tmp, job.rel)
+        try:
+            await trio.to_thread.run_sync(self.tree.commit_file, v.tmp, job.rel)
+        except UnsafeInput as e:
+            # e.g. a directory on the path is a symlink: refuse this file only.
+            self.metrics.rejected.labels("path").inc()
+            log.warning("%s: refused to write %s: %s", name, job.rel, e)
+            errors.append(f"{job.filename}: unsafe path")
+            return
         recorded.append((job.rel, v.size, v.sha256))
         present[job.rel] = (v.size, v.sha256)
         report.files_downloaded += 1
@@ -317,6 +398,7 @@ class Syncer:
     async def sync_once(self) -> CycleReport:
         report = CycleReport(started=time.time())
         t0 = trio.current_time()
+        self.refilter_if_changed()
         await self.read_feed(report)
         try:
             await self.sync_projects(report)
@@ -335,7 +417,9 @@ class Syncer:
         report.synced_serial = self.state.synced_serial()
         report.duration = trio.current_time() - t0
         self.state.set_meta(synced_serial=report.synced_serial, last_cycle=report.started,
-                            **({"last_success": time.time()} if not report.failed else {}))
+                            **({"last_success": time.time()} if not report.failed else {}),
+                            # for `mirror status`, which reads the state only
+                            **({"upstream_serial": report.upstream_serial} if report.upstream_serial else {}))
         self.update_gauges(report)
         return report
 
@@ -349,6 +433,11 @@ class Syncer:
         m.cycles.labels("partial" if report.failed else "ok").inc()
         if not report.failed:
             m.last_success.set(time.time())
+        self.update_state_gauges()
+
+    def update_state_gauges(self) -> None:
+        """The gauges read from the state DB (cheap queries; also used at daemon start)."""
+        m = self.metrics
         m.projects_pending.set(self.state.todo_count())
         m.projects_failed.set(len(self.state.failures()))
         m.pending_retirement.set(self.state.retire_count())

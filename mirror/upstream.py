@@ -17,10 +17,10 @@ import random
 import re
 import ssl
 import xmlrpc.client
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin, urlsplit, urlunsplit
 from xml.parsers.expat import ExpatError
 
@@ -110,7 +110,7 @@ def parse_root_json(body: bytes) -> tuple[list[RootEntry], Serial | None, list[s
     data = _load_json(body, where="root index")
     if not isinstance(data, dict):
         raise MalformedResponse("root index: not a JSON object")
-    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    meta = _dict(data.get("meta"))
     check_api_version(meta.get("api-version"), where="root index")
     serial = meta.get("_last-serial")
     projects = data.get("projects")
@@ -138,6 +138,10 @@ def _load_json(body: bytes, *, where: str) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError) as e:
         raise MalformedResponse(f"{where}: invalid JSON: {e}"[:300]) from None
+
+
+def _dict(v: object) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 def _opt_str(v: object) -> str | None:
@@ -188,7 +192,7 @@ def parse_project_json(
     data = _load_json(body, where=name)
     if not isinstance(data, dict):
         raise MalformedResponse(f"{name}: project page is not a JSON object")
-    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    meta = _dict(data.get("meta"))
     api = check_api_version(meta.get("api-version"), where=name)
     raw_name = data.get("name", name)
     try:
@@ -205,7 +209,7 @@ def parse_project_json(
         if not isinstance(f, dict):
             rejected.append(f"file entry {f!r:.100} is not an object")
             continue
-        hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
+        hashes = _dict(f.get("hashes"))
         metadata = f.get("core-metadata", f.get("data-dist-info-metadata"))
         try:
             rf = _make_file(
@@ -353,8 +357,8 @@ class Upstream:
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter in [0.5, 1.5) of the step."""
-        step = min(self.cfg.max_backoff, self.cfg.backoff * (2**attempt))
-        return step * (0.5 + self.rng.random())
+        step = min(self.cfg.max_backoff, self.cfg.backoff * (2.0**attempt))
+        return float(step * (0.5 + self.rng.random()))
 
     async def request(
         self, method: str, url: str, *, kind: str, headers: Mapping[str, str] | None = None,
@@ -389,12 +393,16 @@ class Upstream:
             self.metrics.rejected.labels("oversize").inc()
             raise MalformedResponse(f"{url}: body of {declared} bytes exceeds max_page_bytes={cap}")
         chunks, n = [], 0
-        async for chunk in r.aiter_bytes():
-            n += len(chunk)
-            if n > cap:
-                self.metrics.rejected.labels("oversize").inc()
-                raise MalformedResponse(f"{url}: body exceeds max_page_bytes={cap}")
-            chunks.append(chunk)
+        body = cast(AsyncGenerator[bytes, None], r.aiter_bytes())
+        try:
+            async for chunk in body:
+                n += len(chunk)
+                if n > cap:
+                    self.metrics.rejected.labels("oversize").inc()
+                    raise MalformedResponse(f"{url}: body exceeds max_page_bytes={cap}")
+                chunks.append(chunk)
+        finally:
+            await body.aclose()  # now, not at garbage collection
         return b"".join(chunks)
 
     # -- XML-RPC feed -----------------------------------------------------------

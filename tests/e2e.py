@@ -14,29 +14,8 @@ from typing import Any
 from mirror.config import Config, parse_config
 
 
-def make_config(url: str, directory: Path, **sections: dict[str, Any]) -> Config:
-    data: dict[str, Any] = {
-        "upstream": {
-            "url": url,
-            "allow_http": True,
-            "user_agent": "mirror-tests (tests@example.org)",
-            "xmlrpc_interval": 0,
-            "backoff": 0.01,
-            "max_backoff": 0.05,
-            "timeout": 10,
-        },
-        "mirror": {"directory": str(directory), "workers": 8},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return parse_config(data, source="test.toml", base=directory.parent)
-
-
-def write_config(
-    path: Path, url: str, directory: Path, **sections: dict[str, Any]
-) -> Path:
-    """The same as make_config, as a TOML file for subprocess tests."""
-    make_config(url, directory, **sections)  # validate early
+def config_data(url: str, directory: Path, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A test config as a TOML-shaped dict: fast retries, loopback upstream."""
     data: dict[str, dict[str, Any]] = {
         "upstream": {
             "url": url,
@@ -51,6 +30,17 @@ def write_config(
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
+    return data
+
+
+def make_config(url: str, directory: Path, **sections: dict[str, Any]) -> Config:
+    return parse_config(config_data(url, directory, **sections), source="test.toml", base=directory.parent)
+
+
+def write_config(path: Path, url: str, directory: Path, **sections: dict[str, Any]) -> Path:
+    """The same as make_config, as a TOML file for subprocess tests."""
+    make_config(url, directory, **sections)  # validate early
+    data = config_data(url, directory, **sections)
     lines = []
     for section, values in data.items():
         lines.append(f"[{section}]")
