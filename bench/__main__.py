@@ -40,15 +40,16 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     sc = res.get("scale")
     if sc:
         nc, oc = sc["no_change"]["max"], sc["one_change"]["max"]
-        rows.append(("no-change cycle CPU (max)", _ms(nc["cpu"]), "<= 50 ms", nc["cpu"] <= 0.05))
-        rows.append(("no-change upstream traffic (max)", f"{nc['upstream_bytes'] / KB:.1f} KB", "<= 10 KB",
+        at = f", {sc['projects'] // 1000}k projects"
+        rows.append((f"no-change cycle CPU{at} (max)", _ms(nc["cpu"]), "<= 50 ms", nc["cpu"] <= 0.05))
+        rows.append((f"no-change upstream traffic{at} (max)", f"{nc['upstream_bytes'] / KB:.1f} KB", "<= 10 KB",
                      nc["upstream_bytes"] <= 10 * KB))
-        rows.append(("one-change cycle wall (max)", _ms(oc["wall"]), "<= 200 ms + transfer", oc["wall"] <= 0.2))
-        rows.append(("one-change cycle CPU (max)", _ms(oc["cpu"]), "<= 200 ms", oc["cpu"] <= 0.2))
-        rows.append(("long-running RSS (peak)", _mb(sc["peak_rss"]), "<= 80 MB", sc["peak_rss"] <= 80 * MB))
+        rows.append((f"one-change cycle wall{at} (max)", _ms(oc["wall"]), "<= 200 ms + transfer", oc["wall"] <= 0.2))
+        rows.append((f"one-change cycle CPU{at} (max)", _ms(oc["cpu"]), "<= 200 ms", oc["cpu"] <= 0.2))
+        rows.append((f"long-running RSS{at} (peak)", _mb(sc["peak_rss"]), "<= 80 MB", sc["peak_rss"] <= 80 * MB))
     r = res.get("root")
     if r:
-        rows.append((f"root publish, {r['projects']} projects (max)", _ms(r["wall_max"]), "<= 2000 ms", r["wall_max"] <= 2))
+        rows.append((f"root publish, {r['projects'] // 1000}k projects (max)", _ms(r["wall_max"]), "<= 2000 ms", r["wall_max"] <= 2))
     return rows
 
 
@@ -84,9 +85,9 @@ def print_table(res: dict[str, Any]) -> None:
               + ", ".join(f"{k} {_mb(v)}" for k, v in sorted(r["sizes"].items())))
     rows = targets(res)
     if rows:
-        print(f"\n{'target':42} {'measured':>12}  {'goal':24} met")
+        print(f"\n{'target':46} {'measured':>12}  {'goal':24} met")
         for what, got, goal, ok in rows:
-            print(f"{what:42} {got:>12}  {goal:24} {'yes' if ok else 'NO'}")
+            print(f"{what:46} {got:>12}  {goal:24} {'yes' if ok else 'NO'}")
 
 
 def main(argv: list[str] | None = None) -> int:
