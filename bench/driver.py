@@ -69,6 +69,8 @@ async def publish_root(cfg: Config) -> dict[str, Any]:
         async with httpx.AsyncClient() as client:
             syncer = Syncer(cfg, client=client, state=state, tree=Tree(cfg.mirror.directory), metrics=Metrics())
             report = CycleReport(projects_synced=1)
+            # As after a cycle that added a project: both root pages are stale.
+            state.set_meta(root_json_dirty=1, root_html_dirty=1)
             c0, t0 = cpu(), time.perf_counter()
             await syncer.publish_root(report)
             return {"wall": time.perf_counter() - t0, "cpu": cpu() - c0, "written": report.root_written}

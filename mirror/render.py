@@ -36,7 +36,7 @@ from typing import Any
 from packaging.utils import parse_sdist_filename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from mirror.model import ProjectSnapshot, ReleaseFile, RootEntry
+from mirror.model import ProjectSnapshot, ReleaseFile, RootRow
 
 __all__ = [
     "API_VERSION",
@@ -220,12 +220,12 @@ _ROOT_HTML_HEAD = (
 _ROOT_HTML_TAIL = "  </body>\n</html>\n"
 
 
-def _root_html_rows(entries: Iterable[RootEntry]) -> str:
+def _root_html_rows(entries: Iterable[RootRow]) -> str:
     esc = _esc
     return "".join(
         [
-            f'    <a href="{esc(e.name)}/">{esc(e.display_name)}</a><br/>\n'
-            for e in entries
+            f'    <a href="{esc(name)}/">{esc(display)}</a><br/>\n'
+            for name, display, _ in entries
         ]
     )
 
@@ -234,30 +234,30 @@ def _root_json_head(serial: int) -> str:
     return f'{{"meta":{{"api-version":"{API_VERSION}","_last-serial":{serial:d}}},"projects":['
 
 
-def _root_json_rows(entries: Iterable[RootEntry]) -> str:
+def _root_json_rows(entries: Iterable[RootRow]) -> str:
     enc = encode_basestring_ascii  # C-accelerated JSON string literal, ASCII-only
     # ":d" rejects anything that is not an int, so a stray float or str can
     # never produce an unquoted token in the output.
     return ",".join(
         [
-            f'{{"name":{enc(e.display_name)},"_last-serial":{e.serial:d}}}'
-            for e in entries
+            f'{{"name":{enc(display)},"_last-serial":{serial:d}}}'
+            for _, display, serial in entries
         ]
     )
 
 
-def root_html(entries: Iterable[RootEntry]) -> bytes:
+def root_html(entries: Iterable[RootRow]) -> bytes:
     """Return ``simple/index.html``; links are relative (``<name>/``)."""
     return _utf8(_ROOT_HTML_HEAD + _root_html_rows(entries) + _ROOT_HTML_TAIL)
 
 
-def root_json(entries: Iterable[RootEntry], *, serial: int) -> bytes:
+def root_json(entries: Iterable[RootRow], *, serial: int) -> bytes:
     """Return ``simple/index.v1_json``; projects appear in the order given."""
     return (_root_json_head(serial) + _root_json_rows(entries) + "]}").encode("ascii")
 
 
 def iter_root(
-    entries: Iterable[RootEntry], *, serial: int, batch: int = 10_000
+    entries: Iterable[RootRow], *, serial: int, batch: int = 10_000, html: bool = True
 ) -> Iterator[tuple[bytes, bytes]]:
     """``root_html`` and ``root_json`` in pieces, from one pass over ``entries``.
 
@@ -270,7 +270,8 @@ def iter_root(
     it = iter(entries)
     sep = ""
     while chunk := list(islice(it, batch)):
-        yield _utf8(_root_html_rows(chunk)), (sep + _root_json_rows(chunk)).encode("ascii")
+        # html=False: the caller keeps the HTML root it has; skip rendering it.
+        yield _utf8(_root_html_rows(chunk)) if html else b"", (sep + _root_json_rows(chunk)).encode("ascii")
         sep = ","
     yield _utf8(_ROOT_HTML_TAIL), b"]}"
 

@@ -33,16 +33,21 @@ from mirror.tree import Tree, disk_error
 ROOT_PAGES = ("simple/index.html", "simple/index.v1_html", "simple/index.v1_json")
 
 
-def write_root(tree: Tree, db_path: Path, serial: int) -> None:
-    """Render the root from ``db_path`` and publish it atomically (blocking)."""
+def write_root(tree: Tree, db_path: Path, serial: int, *, html: bool = True) -> None:
+    """Render the root from ``db_path`` and publish it atomically (blocking).
+
+    ``html=False`` rewrites only the JSON root: the HTML root lists names
+    without serials, so a cycle that only changed existing projects leaves it
+    byte-for-byte the same and rendering it again would be wasted work."""
     html_tmp, link_tmp, json_tmp = tree.new_temp(), tree.new_temp(), tree.new_temp()
     temps = (html_tmp, link_tmp, json_tmp)
     db = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         reader = State(db, db_path)
         with open(html_tmp, "wb") as h, open(json_tmp, "wb") as j:
-            for html, js in render.iter_root(reader.root_entries(), serial=serial):
-                h.write(html)
+            for html_chunk, js in render.iter_root(reader.root_entries(), serial=serial, html=html):
+                if html:
+                    h.write(html_chunk)
                 j.write(js)
             for f in (h, j):
                 f.flush()
@@ -56,7 +61,10 @@ def write_root(tree: Tree, db_path: Path, serial: int) -> None:
         db.close()
     try:
         for tmp, rel in zip(temps, ROOT_PAGES):
-            tree.commit_file(tmp, rel)
+            if html or rel.endswith("v1_json"):
+                tree.commit_file(tmp, rel)
+            else:
+                tree.discard(tmp)
     except DiskError:
         for tmp in temps:
             tree.discard(tmp)

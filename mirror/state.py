@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, RootEntry, Serial
+from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, RootRow, Serial
 
 SCHEMA_VERSION = 1
 
@@ -278,6 +278,13 @@ class State:
         serial = snap.serial or 0
         with self.db:
             old = {r[0] for r in self.db.execute("SELECT path FROM refs WHERE project=?", (snap.name,))}
+            row = self.db.execute("SELECT display, serial FROM projects WHERE name=?", (snap.name,)).fetchone()
+            # Marked in this transaction, so a kill before the root is rewritten
+            # still leads to a rewrite on the next cycle.
+            if row is None or row[0] != snap.display_name:
+                self._mark_root(html=True)
+            elif row[1] != serial:
+                self._mark_root(html=False)
             self.db.execute(
                 "INSERT INTO projects(name, display, serial, page_sha256, snapshot) VALUES(?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET display=excluded.display, serial=excluded.serial, "
@@ -305,7 +312,24 @@ class State:
             self.db.execute("DELETE FROM todo WHERE name=?", (name,))
             if existed:
                 self.db.execute("INSERT OR IGNORE INTO gone(name) VALUES(?)", (name,))
+                self._mark_root(html=True)
         return orphans
+
+    def _mark_root(self, *, html: bool) -> None:
+        """Inside a transaction: the root JSON (and, if names changed, HTML) is stale."""
+        keys = ("root_json_dirty", "root_html_dirty") if html else ("root_json_dirty",)
+        self.db.executemany(
+            "INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO UPDATE SET value='1'",
+            [(k,) for k in keys],
+        )
+
+    def root_dirty(self) -> tuple[bool, bool]:
+        """(JSON root stale, HTML root stale).  The HTML root carries no serials,
+        so it only changes when a project appears, goes or is renamed."""
+        return self.meta("root_json_dirty") == "1", self.meta("root_html_dirty") == "1"
+
+    def clear_root_dirty(self) -> None:
+        self.set_meta(root_json_dirty=0, root_html_dirty=0)
 
     def _orphans(self, candidates: Iterable[str], now: float) -> list[str]:
         orphans = [
@@ -322,9 +346,11 @@ class State:
         with self.db:
             self.db.executemany("DELETE FROM gone WHERE name=?", [(n,) for n in names])
 
-    def root_entries(self) -> Iterator[RootEntry]:
-        for name, display, serial in self.db.execute("SELECT name, display, serial FROM projects ORDER BY name"):
-            yield RootEntry(NormalizedName(name), display, Serial(serial))
+    def root_entries(self) -> Iterator[RootRow]:
+        """(name, display, serial) rows in name order, as SQLite's own tuples:
+        the renderer unpacks them, so no object is built per project."""
+        cursor: Iterator[RootRow] = self.db.execute("SELECT name, display, serial FROM projects ORDER BY name")
+        return cursor
 
     def project_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM projects").fetchone()[0])

@@ -25,6 +25,7 @@ visible because every write is a rename of a complete, fsynced file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -129,21 +130,22 @@ class Syncer:
 
     async def _read_changelog(self, report: CycleReport) -> None:
         up = self.upstream
-        last = await up.changelog_last_serial()
-        report.upstream_serial = last
         pos = self.state.serial
         if pos == 0 and self.state.project_count() == 0:
             # First sync: the journal from serial 0 is tens of millions of
             # rows; the listing gives every project's serial in one call.
+            last = await up.changelog_last_serial()
             changes = planner.group_listing(await up.list_packages_with_serial())
             position = max(changes.targets.values(), default=last)
-        elif last > pos:
-            events, position = await up.changelog_since(pos, until=last)
-            changes = planner.group_events(events)
+            report.upstream_serial = max(last, position)
         else:
-            if last < pos:
-                log.warning("upstream serial %d is below our feed position %d; is this the same upstream?", last, pos)
-            return
+            # One call answers both "anything new?" and "what?": a no-change
+            # cycle is a single small request, with no XML-RPC spacing wait.
+            events, position = await up.changelog_since(pos)
+            report.upstream_serial = position
+            if not events:
+                return
+            changes = planner.group_events(events)
         self._reject_names(changes.rejected)
         self.state.add_todo(self._wanted(changes.targets), position=max(pos, position),
                             display=changes.display, seen=changes.targets)
@@ -384,11 +386,16 @@ class Syncer:
     # -- root and serial --------------------------------------------------------
     async def publish_root(self, report: CycleReport) -> None:
         gone = self.state.gone()
-        if not (report.projects_synced or report.projects_removed or gone):
+        json_dirty, html_dirty = self.state.root_dirty()
+        if not (json_dirty or html_dirty or gone):
             return
         # One streaming pass in a worker thread: the root is the only page
         # whose size grows with the index (600k projects on PyPI).
-        await trio.to_thread.run_sync(rootindex.write_root, self.tree, self.state.path, self.state.serial)
+        await trio.to_thread.run_sync(
+            functools.partial(rootindex.write_root, self.tree, self.state.path, self.state.serial,
+                              html=html_dirty or bool(gone))
+        )
+        self.state.clear_root_dirty()
         report.root_written = True
         if gone:
             paths = [p for n in gone for p in (*planner.page_paths(n), f"pypi/{n}/json")]

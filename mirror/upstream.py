@@ -337,6 +337,9 @@ class Response:
 
 
 class Upstream:
+    # Rows per changelog_since_serial answer on PyPI (Warehouse's limit).
+    changelog_page_size = 50_000
+
     def __init__(
         self,
         client: httpx.AsyncClient,
@@ -437,17 +440,22 @@ class Upstream:
             raise MalformedResponse(f"changelog_last_serial returned {v!r:.100}")
         return Serial(v)
 
-    async def changelog_since(self, serial: int, *, until: int) -> tuple[list[ChangeEvent], Serial]:
-        """Every event after ``serial`` up to at least ``until``, paging as PyPI
-        requires (at most 50 000 rows per call)."""
+    async def changelog_since(self, serial: int, *, until: int | None = None) -> tuple[list[ChangeEvent], Serial]:
+        """Every event after ``serial``, paging as PyPI requires.
+
+        PyPI returns at most ``changelog_page_size`` rows per call, so a short
+        page is the last one; with ``until``, paging goes on until that serial
+        is reached instead."""
         events: list[ChangeEvent] = []
         pos = serial
-        while pos < until:
+        while until is None or pos < until:
             page = parse_changelog(await self.xmlrpc("changelog_since_serial", pos))
             if not page or max(e.serial for e in page) <= pos:
                 break  # empty, or no progress: never loop forever on a broken upstream
             events.extend(page)
             pos = max(pos, max(e.serial for e in page))
+            if until is None and len(page) < self.changelog_page_size:
+                break
         return events, Serial(pos)
 
     async def list_packages_with_serial(self) -> dict[str, int]:

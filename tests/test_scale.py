@@ -41,8 +41,10 @@ def _root_stamps(web: Path) -> dict[str, int]:
 async def test_no_change_cycle_on_a_big_upstream_is_one_small_request(upstream: FakePyPI, tmp_path: Path) -> None:
     directory = tmp_path / "m"
     serial = seed_state(directory, PROJECTS)
+    # The journal has nothing after the seeded serial: changelog_since_serial
+    # answers with an empty list (the only call a no-change cycle makes).
     upstream.add_raw_route(
-        "/pypi", body=xmlrpc.client.dumps((serial,), methodresponse=True).encode(),
+        "/pypi", body=xmlrpc.client.dumps(([],), methodresponse=True).encode(),
         headers={"Content-Type": "text/xml"},
     )
     cfg = make_config(upstream.url, directory, upstream={"feed": "changelog"})
