@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import NamedTuple, NewType
 from urllib.parse import unquote
 
 from packaging.utils import canonicalize_name
@@ -146,9 +146,17 @@ class ChangeEvent:
     serial: Serial
 
 
-@dataclass(frozen=True, slots=True)
-class RootEntry:
-    """One project as listed by the root index."""
+# (normalized name, display name, serial): the shape the root index is built
+# from.  A RootEntry is one; so is a row of the state's ``projects`` table.
+RootRow = tuple[str, str, int]
+
+
+class RootEntry(NamedTuple):
+    """One project as listed by the root index.
+
+    A tuple on purpose: the root lists every project (600k on PyPI), and the
+    state hands SQLite's row tuples straight to the renderer, which unpacks
+    them, instead of building an object per project."""
 
     name: NormalizedName
     display_name: str

@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import islice
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from packaging.utils import parse_sdist_filename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from mirror.model import ProjectSnapshot, ReleaseFile, RootEntry
+from mirror.model import ProjectSnapshot, ReleaseFile, RootRow
 
 __all__ = [
     "API_VERSION",
+    "iter_root",
     "project_api_json",
     "project_html",
     "project_json",
@@ -210,38 +212,68 @@ def project_html(snap: ProjectSnapshot) -> bytes:
 # for json.dumps (measured ~3x slower) or growing a string.
 
 
-def root_html(entries: Iterable[RootEntry]) -> bytes:
-    """Return ``simple/index.html``; links are relative (``<name>/``)."""
+_ROOT_HTML_HEAD = (
+    "<!DOCTYPE html>\n<html>\n  <head>\n"
+    f'    <meta name="pypi:repository-version" content="{API_VERSION}">\n'
+    "    <title>Simple index</title>\n  </head>\n  <body>\n"
+)
+_ROOT_HTML_TAIL = "  </body>\n</html>\n"
+
+
+def _root_html_rows(entries: Iterable[RootRow]) -> str:
     esc = _esc
-    body = "".join(
+    return "".join(
         [
-            f'    <a href="{esc(e.name)}/">{esc(e.display_name)}</a><br/>\n'
-            for e in entries
+            f'    <a href="{esc(name)}/">{esc(display)}</a><br/>\n'
+            for name, display, _ in entries
         ]
     )
-    return _utf8(
-        "<!DOCTYPE html>\n<html>\n  <head>\n"
-        f'    <meta name="pypi:repository-version" content="{API_VERSION}">\n'
-        "    <title>Simple index</title>\n  </head>\n  <body>\n"
-        f"{body}  </body>\n</html>\n"
-    )
 
 
-def root_json(entries: Iterable[RootEntry], *, serial: int) -> bytes:
-    """Return ``simple/index.v1_json``; projects appear in the order given."""
+def _root_json_head(serial: int) -> str:
+    return f'{{"meta":{{"api-version":"{API_VERSION}","_last-serial":{serial:d}}},"projects":['
+
+
+def _root_json_rows(entries: Iterable[RootRow]) -> str:
     enc = encode_basestring_ascii  # C-accelerated JSON string literal, ASCII-only
     # ":d" rejects anything that is not an int, so a stray float or str can
     # never produce an unquoted token in the output.
-    projects = ",".join(
+    return ",".join(
         [
-            f'{{"name":{enc(e.display_name)},"_last-serial":{e.serial:d}}}'
-            for e in entries
+            f'{{"name":{enc(display)},"_last-serial":{serial:d}}}'
+            for _, display, serial in entries
         ]
     )
-    return (
-        f'{{"meta":{{"api-version":"{API_VERSION}","_last-serial":{serial:d}}},'
-        f'"projects":[{projects}]}}'
-    ).encode("ascii")
+
+
+def root_html(entries: Iterable[RootRow]) -> bytes:
+    """Return ``simple/index.html``; links are relative (``<name>/``)."""
+    return _utf8(_ROOT_HTML_HEAD + _root_html_rows(entries) + _ROOT_HTML_TAIL)
+
+
+def root_json(entries: Iterable[RootRow], *, serial: int) -> bytes:
+    """Return ``simple/index.v1_json``; projects appear in the order given."""
+    return (_root_json_head(serial) + _root_json_rows(entries) + "]}").encode("ascii")
+
+
+def iter_root(
+    entries: Iterable[RootRow], *, serial: int, batch: int = 10_000, html: bool = True
+) -> Iterator[tuple[bytes, bytes]]:
+    """``root_html`` and ``root_json`` in pieces, from one pass over ``entries``.
+
+    Yields (html, json) byte chunks whose concatenations are exactly
+    ``root_html(entries)`` and ``root_json(entries, serial=serial)``, holding
+    at most ``batch`` entries at a time: the writer streams a 600k-project
+    root to disk without ever holding it whole.
+    """
+    yield _utf8(_ROOT_HTML_HEAD), _root_json_head(serial).encode("ascii")
+    it = iter(entries)
+    sep = ""
+    while chunk := list(islice(it, batch)):
+        # html=False: the caller keeps the HTML root it has; skip rendering it.
+        yield _utf8(_root_html_rows(chunk)) if html else b"", (sep + _root_json_rows(chunk)).encode("ascii")
+        sep = ","
+    yield _utf8(_ROOT_HTML_TAIL), b"]}"
 
 
 # ---------------------------------------------------------------------------

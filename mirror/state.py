@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Literal
 from urllib.parse import quote
 
-from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, RootEntry, Serial
+from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, RootRow, Serial
 
 SCHEMA_VERSION = 1
 
@@ -285,19 +285,28 @@ class State:
 
     def record_file(self, path: str, size: int, sha256: str) -> None:
         """Called right after the file was renamed into place."""
+        self.record_files([(path, size, sha256)])
+
+    def record_files(self, rows: Iterable[tuple[str, int, str]]) -> None:
+        """Record files already renamed into place, in one transaction.
+
+        The sync engine calls this once per project rather than once per
+        file: a commit per file was a measurable share of the event loop's
+        time on a first sync."""
         with self.db:
-            row = self.db.execute("SELECT size FROM files WHERE path=?", (path,)).fetchone()
-            self.db.execute(
-                "UPDATE totals SET files=files+?, bytes=bytes+? WHERE id=0",
-                (0 if row else 1, size - (row[0] if row else 0)),
-            )
-            self.db.execute(
-                "INSERT INTO files(path, size, sha256) VALUES(?, ?, ?) "
-                "ON CONFLICT(path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256",
-                (path, size, sha256),
-            )
-            # A path that is back in use is no longer up for retirement.
-            self.db.execute("DELETE FROM retire WHERE path=?", (path,))
+            for path, size, sha256 in rows:
+                row = self.db.execute("SELECT size FROM files WHERE path=?", (path,)).fetchone()
+                self.db.execute(
+                    "UPDATE totals SET files=files+?, bytes=bytes+? WHERE id=0",
+                    (0 if row else 1, size - (row[0] if row else 0)),
+                )
+                self.db.execute(
+                    "INSERT INTO files(path, size, sha256) VALUES(?, ?, ?) "
+                    "ON CONFLICT(path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256",
+                    (path, size, sha256),
+                )
+                # A path that is back in use is no longer up for retirement.
+                self.db.execute("DELETE FROM retire WHERE path=?", (path,))
 
     def publish_project(
         self,
@@ -313,6 +322,13 @@ class State:
         serial = snap.serial or 0
         with self.db:
             old = {r[0] for r in self.db.execute("SELECT path FROM refs WHERE project=?", (snap.name,))}
+            row = self.db.execute("SELECT display, serial FROM projects WHERE name=?", (snap.name,)).fetchone()
+            # Marked in this transaction, so a kill before the root is rewritten
+            # still leads to a rewrite on the next cycle.
+            if row is None or row[0] != snap.display_name:
+                self._mark_root(html=True)
+            elif row[1] != serial:
+                self._mark_root(html=False)
             self.db.execute(
                 "INSERT INTO projects(name, display, serial, page_sha256, snapshot) VALUES(?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET display=excluded.display, serial=excluded.serial, "
@@ -327,10 +343,6 @@ class State:
             orphans = self._orphans(dropped, now)
             self.db.execute("DELETE FROM todo WHERE name=? AND serial<=?", (snap.name, serial))
             self.db.execute("DELETE FROM gone WHERE name=?", (snap.name,))
-            # In the same transaction: whoever publishes next knows the root
-            # must list this project, even if this process dies right now.
-            self.db.execute("INSERT INTO meta(key, value) VALUES('root_dirty', '1') "
-                            "ON CONFLICT(key) DO UPDATE SET value='1'")
         return orphans
 
     def remove_project(self, name: str, *, now: float | None = None) -> list[str]:
@@ -344,7 +356,24 @@ class State:
             self.db.execute("DELETE FROM todo WHERE name=?", (name,))
             if existed:
                 self.db.execute("INSERT OR IGNORE INTO gone(name) VALUES(?)", (name,))
+                self._mark_root(html=True)
         return orphans
+
+    def _mark_root(self, *, html: bool) -> None:
+        """Inside a transaction: the root JSON (and, if names changed, HTML) is stale."""
+        keys = ("root_json_dirty", "root_html_dirty") if html else ("root_json_dirty",)
+        self.db.executemany(
+            "INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO UPDATE SET value='1'",
+            [(k,) for k in keys],
+        )
+
+    def root_dirty(self) -> tuple[bool, bool]:
+        """(JSON root stale, HTML root stale).  The HTML root carries no serials,
+        so it only changes when a project appears, goes or is renamed."""
+        return self.meta("root_json_dirty") == "1", self.meta("root_html_dirty") == "1"
+
+    def clear_root_dirty(self) -> None:
+        self.set_meta(root_json_dirty=0, root_html_dirty=0)
 
     def _orphans(self, candidates: Iterable[str], now: float) -> list[str]:
         orphans = [
@@ -361,9 +390,11 @@ class State:
         with self.db:
             self.db.executemany("DELETE FROM gone WHERE name=?", [(n,) for n in names])
 
-    def root_entries(self) -> Iterator[RootEntry]:
-        for name, display, serial in self.db.execute("SELECT name, display, serial FROM projects ORDER BY name"):
-            yield RootEntry(NormalizedName(name), display, Serial(serial))
+    def root_entries(self) -> Iterator[RootRow]:
+        """(name, display, serial) rows in name order, as SQLite's own tuples:
+        the renderer unpacks them, so no object is built per project."""
+        cursor: Iterator[RootRow] = self.db.execute("SELECT name, display, serial FROM projects ORDER BY name")
+        return cursor
 
     def project_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM projects").fetchone()[0])
@@ -421,8 +452,7 @@ class State:
         names: set[str] = set(projects)
         with self.db:
             if root:
-                self.db.execute("INSERT INTO meta(key, value) VALUES('root_dirty', '1') "
-                                "ON CONFLICT(key) DO UPDATE SET value='1'")
+                self._mark_root(html=True)
             for p in paths:
                 row = self.db.execute("SELECT size FROM files WHERE path=?", (p,)).fetchone()
                 if row is not None:

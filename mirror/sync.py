@@ -42,7 +42,7 @@ from typing import Concatenate, ParamSpec
 import httpx
 import trio
 
-from mirror import filters, planner, render
+from mirror import filters, planner, render, rootindex
 from mirror.config import Config
 from mirror.download import Downloader
 from mirror.errors import (
@@ -185,21 +185,22 @@ class Syncer:
 
     async def _read_changelog(self, report: CycleReport) -> None:
         up = self.upstream
-        last = await up.changelog_last_serial()
-        report.upstream_serial = last
         pos = self.state.serial
         if pos == 0 and self.state.project_count() == 0:
             # First sync: the journal from serial 0 is tens of millions of
             # rows; the listing gives every project's serial in one call.
+            last = await up.changelog_last_serial()
             changes = planner.group_listing(await up.list_packages_with_serial())
             position = max(changes.targets.values(), default=last)
-        elif last > pos:
-            events, position = await up.changelog_since(pos, until=last)
-            changes = planner.group_events(events)
+            report.upstream_serial = max(last, position)
         else:
-            if last < pos:
-                log.warning("upstream serial %d is below our feed position %d; is this the same upstream?", last, pos)
-            return
+            # One call answers both "anything new?" and "what?": a no-change
+            # cycle is a single small request, with no XML-RPC spacing wait.
+            events, position = await up.changelog_since(pos)
+            report.upstream_serial = position
+            if not events:
+                return
+            changes = planner.group_events(events)
         self._reject_names(changes.rejected)
         self.state.add_todo(self._wanted(changes.targets), position=max(pos, position),
                             display=changes.display, seen=changes.targets)
@@ -338,10 +339,17 @@ class Syncer:
         present = self.state.known_files(wanted)
         fetches = [j for j in planner.plan_project(snap, present) if not self._overwrites_linked(name, j, present)]
         errors: list[str] = []
-        async with trio.open_nursery() as nursery:
-            report.files_planned += len(fetches)
-            for job in fetches:
-                nursery.start_soon(self._fetch_counted, name, job, present, errors, report)
+        # Files are recorded in one transaction per project, and even when a
+        # disk error aborts the others; one that is renamed but not recorded
+        # (killed in between) is adopted after a hash check next time.
+        recorded: list[tuple[str, int, str]] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                report.files_planned += len(fetches)
+                for job in fetches:
+                    nursery.start_soon(self._fetch_counted, name, job, present, errors, report, recorded)
+        finally:
+            self.state.record_files(recorded)
         if errors:
             self._defer(name, "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""), report)
             return
@@ -390,10 +398,10 @@ class Syncer:
 
     async def _fetch_counted(
         self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
-        report: CycleReport,
+        report: CycleReport, recorded: list[tuple[str, int, str]],
     ) -> None:
         try:
-            await self._fetch(name, job, present, errors, report)
+            await self._fetch(name, job, present, errors, report, recorded)
         finally:
             report.files_done += 1
             if self.progress:
@@ -402,14 +410,14 @@ class Syncer:
 
     async def _fetch(
         self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
-        report: CycleReport,
+        report: CycleReport, recorded: list[tuple[str, int, str]],
     ) -> None:
         # A run killed between rename and state commit left the right bytes
         # in place: adopt them after a hash check instead of downloading.
         if job.sha256 is not None:
             size = await trio.to_thread.run_sync(self.tree.adopt, job.rel, job.size, job.sha256)
             if size is not None:
-                self.state.record_file(job.rel, size, job.sha256)
+                recorded.append((job.rel, size, job.sha256))
                 present[job.rel] = (size, job.sha256)
                 return
         try:
@@ -445,7 +453,7 @@ class Syncer:
                 # daemon must not leak verified temps into state/tmp.
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.tree.discard, v.tmp)
-        self.state.record_file(job.rel, v.size, v.sha256)
+        recorded.append((job.rel, v.size, v.sha256))
         present[job.rel] = (v.size, v.sha256)
         report.files_downloaded += 1
         report.bytes_downloaded += v.size
@@ -462,23 +470,19 @@ class Syncer:
         log.warning("%s: deferred to the next run: %s", name, error)
 
     # -- root and serial --------------------------------------------------------
-    async def publish_root(self, report: CycleReport, *, force: bool = False) -> None:
+    async def publish_root(self, report: CycleReport) -> None:
         gone = self.state.gone()
-        # root_dirty is set with every published project, so a run killed (or
-        # stopped by a full disk) before the root was written still lists it.
-        dirty = self.state.meta("root_dirty") == "1"
-        if not (force or dirty or report.projects_synced or report.projects_removed or gone):
+        json_dirty, html_dirty = self.state.root_dirty()
+        if not (json_dirty or html_dirty or gone):
             return
-        serial = self.state.serial
-        root_html = render.root_html(self.state.root_entries())
-        root_json = render.root_json(self.state.root_entries(), serial=serial)
-        await trio.to_thread.run_sync(self.tree.write_files, [
-            ("simple/index.html", root_html),
-            ("simple/index.v1_html", root_html),
-            ("simple/index.v1_json", root_json),
-        ])
+        # One streaming pass in a worker thread: the root is the only page
+        # whose size grows with the index (600k projects on PyPI).
+        await trio.to_thread.run_sync(
+            functools.partial(rootindex.write_root, self.tree, self.state.path, self.state.serial,
+                              html=html_dirty or bool(gone))
+        )
+        self.state.clear_root_dirty()
         report.root_written = True
-        self.state.set_meta(root_dirty=0)
         if gone:
             paths = [p for n in gone for p in (*planner.page_paths(n), f"pypi/{n}/json")]
             await trio.to_thread.run_sync(self.tree.remove, paths)
@@ -506,7 +510,7 @@ class Syncer:
                     log.error("root index not written: %s", e)
                     root_error = e
         if root_error is not None:
-            raise root_error  # root_dirty stays set: the next cycle writes it
+            raise root_error  # the root stays marked dirty: the next cycle writes it
         if report.changed:
             stamp = time.strftime("%Y%m%dT%H:%M:%S\n", time.gmtime()).encode()
             await trio.to_thread.run_sync(self.tree.write_files, [("last-modified", stamp)])

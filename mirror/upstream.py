@@ -10,10 +10,12 @@ refused whole.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
 import re
+import ssl
 import xmlrpc.client
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -378,6 +380,9 @@ class Response:
 
 
 class Upstream:
+    # Rows per changelog_since_serial answer on PyPI (Warehouse's limit).
+    changelog_page_size = 50_000
+
     def __init__(
         self,
         client: httpx.AsyncClient,
@@ -482,17 +487,22 @@ class Upstream:
             raise MalformedResponse(f"changelog_last_serial returned {v!r:.100}")
         return Serial(v)
 
-    async def changelog_since(self, serial: int, *, until: int) -> tuple[list[ChangeEvent], Serial]:
-        """Every event after ``serial`` up to at least ``until``, paging as PyPI
-        requires (at most 50 000 rows per call)."""
+    async def changelog_since(self, serial: int, *, until: int | None = None) -> tuple[list[ChangeEvent], Serial]:
+        """Every event after ``serial``, paging as PyPI requires.
+
+        PyPI returns at most ``changelog_page_size`` rows per call, so a short
+        page is the last one; with ``until``, paging goes on until that serial
+        is reached instead."""
         events: list[ChangeEvent] = []
         pos = serial
-        while pos < until:
+        while until is None or pos < until:
             page = parse_changelog(await self.xmlrpc("changelog_since_serial", pos))
             if not page or max(e.serial for e in page) <= pos:
                 break  # empty, or no progress: never loop forever on a broken upstream
             events.extend(page)
             pos = max(pos, max(e.serial for e in page))
+            if until is None and len(page) < self.changelog_page_size:
+                break
         return events, Serial(pos)
 
     async def list_packages_with_serial(self) -> dict[str, int]:
@@ -574,9 +584,18 @@ class Upstream:
         return data if isinstance(data, dict) else None
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # What httpx builds by default, built once per process: loading the CA
+    # bundle costs ~20 ms of CPU, more than the rest of a no-change cycle,
+    # and a long-running mirror opens a client every cycle.
+    return httpx.create_ssl_context()
+
+
 def open_client(cfg: UpstreamConfig, *, workers: int, version: str) -> httpx.AsyncClient:
     """The one pooled client every upstream request goes through."""
     return httpx.AsyncClient(
+        verify=_tls_context(),
         timeout=httpx.Timeout(cfg.timeout),
         headers={"User-Agent": f"mirror/{version} {cfg.user_agent}"},
         follow_redirects=True,

@@ -13,14 +13,14 @@ them and reports each disagreement as one line, as soon as it is found:
   are the same bytes, and every link of the JSON page (the HTML page must
   list the same files with the same hashes) is a file the state verified
   with the hash the page promises;
-* *root*: the root index exists, its HTML and JSON agree, and it lists the
-  projects the state published;
+* *root*: the root index is byte for byte what the state renders (at the
+  serial the root was written with), compared while both stream;
 * *orphans* (``--orphans``): an iterative ``os.scandir`` walk of
   ``packages/``, ``simple/`` and ``pypi/`` reports what no row accounts for,
   and any symlink.
 
 Memory is bounded by one batch of rows, one project page and the scandir
-stack; only the root index is read whole, as the sync that writes it does.
+stack.
 
 A running mirror holds ``state/lock`` for its whole life, so the checks take
 no lock: they read through a read-only SQLite connection, each batch its own
@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import stat
 import time
 from collections import Counter
@@ -57,7 +58,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from mirror import __version__, planner
+from mirror import __version__, planner, render
 from mirror.config import Config
 from mirror.errors import UnsafePath
 from mirror.metrics import Metrics
@@ -72,9 +73,11 @@ log = logging.getLogger(__name__)
 # Problems that a fresh download fixes, and problems that a rewritten page fixes.
 FILE_KINDS = frozenset({"missing", "size", "hash", "not_a_file"})
 PAGE_KINDS = frozenset({"page_missing", "page_mismatch", "page_unreadable", "link_broken", "link_hash"})
-# In live mode a file this recent may be one the mirror is committing right now.
-_RECENT = 600.0
+# In live mode a file this recent may be one the mirror is committing right now
+# (it records a project's files together, once the project's downloads end).
+_RECENT = 3600.0
 _PAGES = ("index.html", "index.v1_html", "index.v1_json")
+_ROOT_SERIAL = re.compile(rb'^\{"meta":\{"api-version":"[0-9.]+","_last-serial":(\d+)\}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,35 +268,47 @@ class Verifier:
 
     # -- root -------------------------------------------------------------------
     def check_root(self) -> Iterator[Problem]:
-        dirty = self.state.meta("root_dirty") == "1"
+        """The root must be, byte for byte, what the state renders now (with
+        the serial it was written at): streamed, like the writer does it."""
+        dirty = any(self.state.root_dirty())
         if dirty and self.live:
             return  # pages went out after the root was written: a mirror is at work
         if self.state.project_count() == 0:
             return  # nothing published, no root needed yet
-        html, v1h, raw = (self._read(f"simple/{n}") for n in _PAGES)
-        for n, b in zip(_PAGES, (html, v1h, raw)):
-            if b is None:
-                yield Problem("root", f"simple/{n}", "missing")
-        if html is not None and v1h is not None and html != v1h:
-            yield Problem("root", "simple/index.v1_html", "differs from index.html")
-        if raw is None:
-            return
-        try:
-            listed = [p["name"] for p in json.loads(raw)["projects"]]
-        except (ValueError, KeyError, TypeError) as e:
-            yield Problem("root", "simple/index.v1_json", f"unreadable: {e}"[:200])
+        paths = [posixpath.join(self.root, "simple", n) for n in _PAGES]
+        missing = [n for n, p in zip(_PAGES, paths) if self._read_head(p) is None]
+        for n in missing:
+            yield Problem("root", f"simple/{n}", "missing")
+        if missing:
             return
         if dirty:
             yield Problem("root", "simple/index.v1_json", "out of date: a run stopped before rewriting it")
             return
-        published = self.state.project_count()
-        if len(listed) != published:
-            yield Problem("root", "simple/index.v1_json", f"lists {len(listed)} projects, the state has {published}")
-        if html is not None:
-            parser = _Anchors()
-            parser.feed(html.decode("utf-8", "replace"))
-            if len(parser.hrefs) != len(listed):
-                yield Problem("root", "simple/index.html", f"lists {len(parser.hrefs)} projects, the JSON {len(listed)}")
+        m = _ROOT_SERIAL.match(self._read_head(paths[2]) or b"")
+        if m is None:
+            yield Problem("root", "simple/index.v1_json", "unreadable: no meta with _last-serial at its start")
+            return
+        with open(paths[0], "rb") as html, open(paths[1], "rb") as v1h, open(paths[2], "rb") as js:
+            same = [True, True, True]
+            for html_chunk, json_chunk in render.iter_root(self.state.root_entries(), serial=int(m.group(1))):
+                for i, (f, chunk) in enumerate(((html, html_chunk), (v1h, html_chunk), (js, json_chunk))):
+                    if same[i] and f.read(len(chunk)) != chunk:
+                        same[i] = False
+            for i, f in enumerate((html, v1h, js)):
+                if same[i] and f.read(1):
+                    same[i] = False
+        for n, ok in zip(_PAGES, same):
+            if not ok:
+                yield Problem("root", f"simple/{n}", "does not list exactly the published projects")
+
+    def _read_head(self, path: str) -> bytes | None:
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return None
+            with open(path, "rb") as f:
+                return f.read(256)
+        except OSError:
+            return None
 
     # -- orphans ----------------------------------------------------------------
     def find_orphans(self) -> Iterator[Problem]:

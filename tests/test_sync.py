@@ -360,3 +360,45 @@ def test_pip_installs_from_the_mirror(upstream: FakePyPI, tmp_path: Path) -> Non
         env=env,
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+async def test_root_is_rewritten_after_a_kill_before_the_root_step(
+    upstream: FakePyPI, cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    populate(upstream, 2)
+    await sync(cfg)
+    web = cfg.mirror.directory / "web"
+    upstream.add_release("late-comer", "1.0")
+
+    async def killed(self: object, report: object) -> None:  # the process died here
+        return None
+
+    with monkeypatch.context() as m:
+        m.setattr("mirror.sync.Syncer.publish_root", killed)
+        await sync(cfg)
+    root = json.loads((web / "simple/index.v1_json").read_bytes())
+    assert "late-comer" not in {p["name"] for p in root["projects"]}
+    # The next cycle has no upstream change, yet it must publish the root.
+    report = await sync(cfg)
+    assert report.root_written
+    root = json.loads((web / "simple/index.v1_json").read_bytes())
+    assert "late-comer" in {p["name"] for p in root["projects"]}
+    assert "late-comer/" in (web / "simple/index.html").read_text()
+    assert check_tree(web) == []
+
+
+async def test_serial_only_change_keeps_the_html_root(upstream: FakePyPI, cfg: Config) -> None:
+    populate(upstream, 2)
+    await sync(cfg)
+    web = cfg.mirror.directory / "web"
+    html_before = (web / "simple/index.html").stat().st_mtime_ns
+    upstream.add_release("pkg-1", "7.0")
+    report = await sync(cfg)
+    assert report.root_written
+    root = json.loads((web / "simple/index.v1_json").read_bytes())
+    assert {p["name"]: p["_last-serial"] for p in root["projects"]}["Pkg.1"] == upstream.project_serial("pkg-1")
+    assert (web / "simple/index.html").stat().st_mtime_ns == html_before
+    upstream.add_release("pkg-9", "1.0")
+    await sync(cfg)
+    assert "pkg-9/" in (web / "simple/index.html").read_text()
+    assert (web / "simple/index.v1_html").read_bytes() == (web / "simple/index.html").read_bytes()

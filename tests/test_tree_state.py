@@ -326,7 +326,7 @@ def test_remove_project_and_gone(state: State) -> None:
     assert state.refs("a") == set()
     assert todo(state) == {}
     assert state.gone() == ["a"]
-    assert [e.name for e in state.root_entries()] == ["b"]
+    assert [name for name, _, _ in state.root_entries()] == ["b"]
     assert state.project_count() == 1
 
     # Removing a project we never published does not mark it gone.

@@ -102,7 +102,11 @@ def test_each_kind_of_damage_is_found(mirror: Path, tmp_path: Path, capsys: pyte
     # Only --hash reads the bytes.
     rc, lines, _ = run(mirror, "--hash", capsys=capsys)
     assert ("hash", corrupt) in kinds(lines)
-    # The root index.
+    # The root index: compared byte for byte with what the state lists.
+    html = web / "simple/index.html"  # index.v1_html is a hard link to it
+    html.write_text(html.read_text().replace("pkg-00002", "pkg-99999"))
+    rc, lines, _ = run(mirror, capsys=capsys)
+    assert {p for k, p in kinds(lines) if k == "root"} == {"simple/index.html", "simple/index.v1_html"}
     (web / "simple/index.v1_json").unlink()
     rc, lines, _ = run(mirror, capsys=capsys)
     assert ("root", "simple/index.v1_json") in kinds(lines)

@@ -1,0 +1,158 @@
+"""``python -m bench``: run the scenarios, print a table, write JSON results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.upstream import NGINX, have_nginx
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KB = 1000
+MB = 1e6
+
+
+def _mb(n: float) -> str:
+    return f"{n / MB:.1f} MB"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.0f} ms"
+
+
+def targets(res: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(what, measured, target, met) for every target the run can judge."""
+    rows: list[tuple[str, str, str, bool]] = []
+    s = res.get("sync")
+    if s:
+        big = s["corpus"]["files"] >= 5000 and s["corpus"]["bytes"] >= 500 * MB
+        rows.append(("initial sync wall / raw", f"{s['ratio']:.2f}x", "<= 1.30x" + ("" if big else " (corpus too small)"),
+                     s["ratio"] <= 1.3 and big))
+    sc = res.get("scale")
+    if sc:
+        nc, oc = sc["no_change"]["max"], sc["one_change"]["max"]
+        at = f", {sc['projects'] // 1000}k projects"
+        rows.append((f"no-change cycle CPU{at} (max)", _ms(nc["cpu"]), "<= 50 ms", nc["cpu"] <= 0.05))
+        rows.append((f"no-change upstream traffic{at} (max)", f"{nc['upstream_bytes'] / KB:.1f} KB", "<= 10 KB",
+                     nc["upstream_bytes"] <= 10 * KB))
+        rows.append((f"one-change cycle wall{at} (max)", _ms(oc["wall"]), "<= 200 ms + transfer", oc["wall"] <= 0.2))
+        rows.append((f"one-change cycle CPU{at} (max)", _ms(oc["cpu"]), "<= 200 ms", oc["cpu"] <= 0.2))
+        rows.append((f"long-running RSS{at} (peak)", _mb(sc["peak_rss"]), "<= 80 MB", sc["peak_rss"] <= 80 * MB))
+    r = res.get("root")
+    if r:
+        rows.append((f"root publish, {r['projects'] // 1000}k projects (max)", _ms(r["wall_max"]), "<= 2000 ms", r["wall_max"] <= 2))
+    return rows
+
+
+def print_table(res: dict[str, Any]) -> None:
+    s = res.get("sync")
+    if s:
+        c = s["corpus"]
+        print(f"\ninitial sync: {c['projects']} projects, {c['files']} files + {c['sidecars']} .metadata, "
+              f"{_mb(c['bytes'])} (median file {c['median'] / 1000:.0f} KB, largest {_mb(c['largest'])}); "
+              f"served by {s['server']}")
+        print(f"{'':12} {'wall s':>8} {'files/s':>9} {'MB/s':>8} {'CPU s':>8} {'peak RSS':>10}")
+        for key, label in (("raw", "raw"), ("raw_disk", "raw+disk"), ("mirror", "mirror sync")):
+            m = s[key]
+            print(f"{label:12} {m['wall']:8.2f} {m['files_per_s']:9.0f} {m['mb_per_s']:8.1f} {m['cpu']:8.2f} {_mb(m['peak_rss']):>10}")
+        print(f"ratio mirror/raw {s['ratio']:.2f}x, mirror/raw+disk {s['ratio_disk']:.2f}x")
+    sc = res.get("scale")
+    if sc:
+        print(f"\nscale: {sc['projects']} projects pre-seeded, seeded in {sc['seed_s']:.1f}s, "
+              f"xmlrpc_interval={sc['xmlrpc_interval']}, one process")
+        print(f"{'':22} {'cycles':>6} {'wall ms':>8} {'CPU ms':>8} {'requests':>8} {'up KB':>7} {'down KB':>8}")
+        for key in ("no_change", "one_change"):
+            for stat in ("median", "max"):
+                m = sc[key][stat]
+                print(f"{key + ' ' + stat:22} {sc[key]['cycles']:6} {m['wall'] * 1000:8.1f} {m['cpu'] * 1000:8.1f} "
+                      f"{m['requests']:8.0f} {m['request_bytes'] / KB:7.1f} {m['response_bytes'] / KB:8.1f}")
+        f = sc["first_cycle"]
+        print(f"first cycle of the process (no change, one-time warm-up): wall {_ms(f['wall'])}, CPU {_ms(f['cpu'])}")
+        print(f"RSS: start {_mb(sc['rss_start'])}, after all cycles {_mb(sc['rss_end'])}, peak {_mb(sc['peak_rss'])}")
+    r = res.get("root")
+    if r:
+        print(f"\nroot publish: {r['projects']} projects: median {_ms(r['wall'])}, max {_ms(r['wall_max'])}, "
+              f"CPU {_ms(r['cpu'])}, peak RSS {_mb(r['peak_rss'])}; "
+              + ", ".join(f"{k} {_mb(v)}" for k, v in sorted(r["sizes"].items())))
+    rows = targets(res)
+    if rows:
+        print(f"\n{'target':46} {'measured':>12}  {'goal':24} met")
+        for what, got, goal, ok in rows:
+            print(f"{what:46} {got:>12}  {goal:24} {'yes' if ok else 'NO'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("scenarios", nargs="*", metavar="{sync,scale,root}", help="which scenarios to run (default: all)")
+    p.add_argument("--files", type=int, default=6000, help="distribution files in the sync corpus")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--workers", type=int, default=16, help="mirror workers = raw baseline concurrency")
+    p.add_argument("--scale-projects", type=int, default=200_000)
+    p.add_argument("--cycles", type=int, default=12, help="scale cycles, alternating no-change and one-change")
+    p.add_argument("--root-projects", type=int, default=600_000)
+    p.add_argument("--repeat", type=int, default=3, help="root publish repetitions")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in about a minute")
+    p.add_argument("--workdir", help="where corpora and mirrors go (default: a temp dir, removed after)")
+    p.add_argument("--keep", action="store_true", help="keep corpora and mirror trees")
+    p.add_argument("--output", help="JSON result file (default: bench/results/<time>.json)")
+    args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so nginx and the temp dir are cleaned up.
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.quick:
+        args.files, args.scale_projects, args.root_projects, args.cycles = 600, 20_000, 60_000, 6
+    wanted = args.scenarios or ["sync", "scale", "root"]
+    if set(wanted) - {"sync", "scale", "root"}:
+        p.error(f"unknown scenario(s): {', '.join(sorted(set(wanted) - {'sync', 'scale', 'root'}))}")
+    res: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params": {k: v for k, v in vars(args).items() if k not in ("output",)},
+        "host": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
+                 "platform": platform.platform(), "nginx": _nginx_version()},
+    }
+    with tempfile.TemporaryDirectory(prefix="mirror-bench-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        if "sync" in wanted:
+            print(f"sync: generating {args.files} files ...", file=sys.stderr, flush=True)
+            res["sync"] = scenarios.initial_sync(work, files=args.files, seed=args.seed, workers=args.workers, keep=args.keep)
+        if "scale" in wanted:
+            print(f"scale: seeding {args.scale_projects} projects ...", file=sys.stderr, flush=True)
+            res["scale"] = scenarios.scale(work, projects=args.scale_projects, cycles=args.cycles,
+                                           workers=args.workers, keep=args.keep)
+        if "root" in wanted:
+            print(f"root: seeding {args.root_projects} projects ...", file=sys.stderr, flush=True)
+            res["root"] = scenarios.root_publish(work, projects=args.root_projects, repeat=args.repeat, keep=args.keep)
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+            work.rename(work.with_name(work.name + "-kept"))
+            work.mkdir()
+    res["targets"] = [{"what": w, "measured": m, "target": t, "met": ok} for w, m, t, ok in targets(res)]
+    print_table(res)
+    out = Path(args.output) if args.output else RESULTS / f"{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _nginx_version() -> str | None:
+    if not have_nginx():
+        return None
+    r = subprocess.run([NGINX, "-v"], capture_output=True, text=True)
+    return r.stderr.strip() or None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

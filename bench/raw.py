@@ -1,0 +1,90 @@
+"""The raw baseline: fetch every URL of a manifest in parallel and sha256 it.
+
+No mirror logic: no pages, no state, no planning.  ``concurrency`` streams
+on one pooled httpx client under trio, the same stack and the same number of
+workers as the mirror.  With ``--disk DIR`` each file is also written to a
+temp file, fsynced and renamed (one thread hop per file), which is the floor
+any durable mirror pays on this disk.  Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+CHUNK = 256 * 1024
+
+
+def _store(directory: Path, n: int, chunks: list[bytes]) -> None:
+    tmp = directory / f"{n}.part"
+    with open(tmp, "wb") as f:
+        for c in chunks:
+            f.write(c)
+        f.flush()
+        os.fsync(f.fileno())
+    final = directory / f"{n}"
+    os.replace(tmp, final)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def fetch_all(base: str, manifest: list[tuple[str, int, str]], *, concurrency: int, disk: Path | None) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    total = 0
+    bad = 0
+    todo = iter(enumerate(manifest))
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            nonlocal total, bad
+            for n, (path, size, sha) in todo:
+                h = hashlib.sha256()
+                chunks: list[bytes] = []
+                async with client.stream("GET", path) as r:
+                    async for chunk in r.aiter_bytes(CHUNK):
+                        h.update(chunk)
+                        if disk is not None:
+                            chunks.append(chunk)
+                if r.status_code != 200 or h.hexdigest() != sha:
+                    bad += 1
+                total += size
+                if disk is not None:
+                    await trio.to_thread.run_sync(_store, disk, n, chunks)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        wall = time.perf_counter() - t0
+    return {"files": len(manifest), "bytes": total, "bad": bad, "wall": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.raw")
+    p.add_argument("--url", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--disk", help="also write+fsync+rename each file into this directory")
+    args = p.parse_args(argv)
+    manifest = [tuple(x) for x in json.loads(Path(args.manifest).read_bytes())]
+    disk = Path(args.disk) if args.disk else None
+    if disk is not None:
+        disk.mkdir(parents=True, exist_ok=True)
+    result = trio.run(lambda: fetch_all(args.url, manifest, concurrency=args.concurrency, disk=disk))
+    print(json.dumps(result), flush=True)
+    return 0 if not result["bad"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

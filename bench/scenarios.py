@@ -1,0 +1,240 @@
+"""The three benchmark scenarios; each returns a dict of measured figures.
+
+* ``initial_sync``: raw baseline, raw+disk and ``mirror sync`` on one corpus.
+* ``scale``: a pre-seeded mirror following a large upstream; no-change and
+  one-change cycles in one long-running process (``bench.driver``).
+* ``root_publish``: ``Syncer.publish_root`` on a synthetic state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import corpus
+from bench.driver import proc_status
+from bench.seed import seed_state, seeded_project
+from bench.upstream import Upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+MB = 1e6
+
+
+def write_config(path: Path, url: str, directory: Path, *, workers: int, xmlrpc_interval: float) -> Path:
+    path.write_text(
+        "[upstream]\n"
+        f'url = "{url}"\nallow_http = true\nfeed = "changelog"\n'
+        'user_agent = "mirror-bench (bench@example.org)"\n'
+        f"xmlrpc_interval = {xmlrpc_interval}\ntimeout = 60\n"
+        "[mirror]\n"
+        f'directory = "{directory}"\nworkers = {workers}\n'
+    )
+    return path
+
+
+def run_child(cmd: list[str]) -> dict[str, Any]:
+    """Run a child to completion: wall time, CPU (user+sys) via wait4, peak RSS by polling VmHWM."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
+        hwm = 0
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm = max(hwm, proc_status("VmHWM", p.pid))
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "user": ru.ru_utime, "sys": ru.ru_stime,
+            "peak_rss": hwm, "rc": p.returncode, "stdout": text}
+
+
+def _rates(r: dict[str, Any], files: int, nbytes: int) -> dict[str, Any]:
+    r = {k: v for k, v in r.items() if k != "stdout"}
+    r["files_per_s"] = files / r["wall"]
+    r["mb_per_s"] = nbytes / MB / r["wall"]
+    return r
+
+
+def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool) -> dict[str, Any]:
+    root = work / "corpus"
+    t0 = time.perf_counter()
+    stats = corpus.generate(root, files=files, seed=seed)
+    gen = time.perf_counter() - t0
+    manifest = root / "manifest.json"
+    n_urls = stats.files + stats.sidecars
+    out: dict[str, Any] = {"corpus": {**stats.__dict__, "urls": n_urls, "generate_s": gen}}
+    with Upstream(root, work / "run-sync") as up:
+        out["server"] = up.server
+        py = sys.executable
+        raw = run_child([py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest), "--concurrency", str(workers)])
+        if raw["rc"] != 0:
+            raise RuntimeError(f"raw baseline failed: {raw['stdout'][-2000:]}")
+        out["raw"] = _rates(raw, n_urls, stats.bytes)
+        up.traffic()
+        disk_dir = work / "raw-disk"
+        rawd = run_child([py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
+                          "--concurrency", str(workers), "--disk", str(disk_dir)])
+        shutil.rmtree(disk_dir, ignore_errors=True)
+        out["raw_disk"] = _rates(rawd, n_urls, stats.bytes)
+        up.traffic()
+        mdir = work / "mirror-sync"
+        cfg = write_config(work / "sync.toml", up.url, mdir, workers=workers, xmlrpc_interval=0)
+        sync = run_child([py, "-m", "mirror", "--log-level", "warning", "sync", "--config", str(cfg)])
+        if sync["rc"] != 0:
+            raise RuntimeError(f"mirror sync exited {sync['rc']}")
+        out["mirror"] = _rates(sync, n_urls, stats.bytes)
+        t = up.traffic()
+        out["mirror"]["upstream_requests"] = t.requests
+        out["mirror"]["upstream_by_kind"] = t.by_kind
+        from mirror.state import State
+
+        st = State.open(mdir / "state")
+        try:
+            tree_files, tree_bytes = st.tree_totals()
+        finally:
+            st.close()
+        if (tree_files, tree_bytes) != (n_urls, stats.bytes):
+            raise RuntimeError(f"mirror holds {tree_files} files / {tree_bytes} B, corpus has {n_urls} / {stats.bytes}")
+        out["ratio"] = out["mirror"]["wall"] / out["raw"]["wall"]
+        out["ratio_disk"] = out["mirror"]["wall"] / out["raw_disk"]["wall"]
+        if not keep:
+            shutil.rmtree(mdir, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+class _Driver:
+    def __init__(self, config: Path) -> None:
+        self.p = subprocess.Popen([sys.executable, "-m", "bench.driver", "--config", str(config)], cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError("bench.driver exited")
+        return dict(json.loads(line))
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.p.stdin is not None
+        self.p.stdin.write(command.encode() + b"\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict[str, Any]:
+        assert self.p.stdin is not None
+        self.p.stdin.write(b"quit\n")
+        self.p.stdin.close()
+        _, _, ru = os.wait4(self.p.pid, 0)
+        self.p.returncode = 0
+        return {"cpu": ru.ru_utime + ru.ru_stime}
+
+
+def _one_change(up: Upstream, root: Path, index: int, serial: int, rng: random.Random) -> int:
+    """Upload one ~40 KB wheel (+ .metadata) to seeded project ``index``."""
+    p = seeded_project(index)
+    old = corpus.file_entry(p.file_url_path, p.filename, p.sha256, p.size, None)
+    new, _ = corpus.add_file(root, p.name, "1.0.1", wheel=True, content=rng.randbytes(40_000))
+    serial += 1
+    page = corpus.page(p.name, serial, [old, new], ["1.0.0", "1.0.1"])
+    dest = root / "simple" / p.name / "index.v1_json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_bytes(page)
+    os.replace(tmp, dest)
+    up.add_events([[p.name, "1.0.1", int(time.time()), f"add py3 file {new['filename']}", serial]])
+    return serial
+
+
+def scale(work: Path, *, projects: int, cycles: int, workers: int, keep: bool, xmlrpc_interval: float = 0) -> dict[str, Any]:
+    root = work / "scale-upstream"
+    (root / "simple").mkdir(parents=True, exist_ok=True)
+    mdir = work / "mirror-scale"
+    t0 = time.perf_counter()
+    serial = seed_state(mdir, projects)
+    seeded = time.perf_counter() - t0
+    (root / "feed.json").write_text(json.dumps({"serial": serial, "listing": {}}))
+    rng = random.Random(1)
+    out: dict[str, Any] = {"projects": projects, "seed_s": seeded, "xmlrpc_interval": xmlrpc_interval}
+    no_change: list[dict[str, Any]] = []
+    one_change: list[dict[str, Any]] = []
+    with Upstream(root, work / "run-scale") as up:
+        cfg = write_config(work / "scale.toml", up.url, mdir, workers=workers, xmlrpc_interval=xmlrpc_interval)
+        driver = _Driver(cfg)
+        try:
+            out["rss_start"] = driver.ready["rss"]
+            up.traffic()
+            # The first cycle of a process pays one-time costs (imports, the
+            # TLS context, a cold SQLite cache); a daemon pays them once.
+            first = driver.ask("cycle")
+            t = up.traffic()
+            out["first_cycle"] = {**first, "requests": t.requests, "upstream_bytes": t.total_bytes}
+            for c in range(cycles):
+                change = c % 2 == 1
+                if change:
+                    serial = _one_change(up, root, (c * 7919) % projects, serial, rng)
+                    up.traffic()  # not the mirror's
+                r = driver.ask("cycle")
+                t = up.traffic()
+                r.update(requests=t.requests, request_bytes=t.request_bytes, response_bytes=t.response_bytes,
+                         upstream_bytes=t.total_bytes, by_kind=t.by_kind)
+                if r["failed"] or (change and r["files"] != 2):
+                    raise RuntimeError(f"cycle {c} did not sync as expected: {r}")
+                (one_change if change else no_change).append(r)
+            last = driver.ask("cycle")
+            out["rss_end"], out["peak_rss"] = last["rss"], last["peak_rss"]
+        finally:
+            driver.close()
+    out["no_change"] = _summary(no_change)
+    out["one_change"] = _summary(one_change)
+    if not keep:
+        shutil.rmtree(mdir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("wall", "cpu", "requests", "request_bytes", "response_bytes", "upstream_bytes", "bytes")
+    return {
+        "cycles": len(rows),
+        "median": {k: statistics.median(r[k] for r in rows) for k in keys},
+        "max": {k: max(r[k] for r in rows) for k in keys},
+        "by_kind": rows[-1]["by_kind"] if rows else {},
+        "all": rows,
+    }
+
+
+def root_publish(work: Path, *, projects: int, repeat: int, keep: bool) -> dict[str, Any]:
+    mdir = work / "mirror-root"
+    t0 = time.perf_counter()
+    seed_state(mdir, projects, files=False, root=False)
+    seeded = time.perf_counter() - t0
+    cfg = write_config(work / "root.toml", "http://127.0.0.1:9", mdir, workers=1, xmlrpc_interval=0)
+    driver = _Driver(cfg)
+    try:
+        runs = [driver.ask("root") for _ in range(repeat)]
+    finally:
+        driver.close()
+    sizes = {p.name: p.stat().st_size for p in (mdir / "web" / "simple").glob("index.*")}
+    if not keep:
+        shutil.rmtree(mdir, ignore_errors=True)
+    return {
+        "projects": projects, "seed_s": seeded, "runs": runs, "sizes": sizes,
+        "wall": statistics.median(r["wall"] for r in runs), "wall_max": max(r["wall"] for r in runs),
+        "cpu": statistics.median(r["cpu"] for r in runs), "peak_rss": runs[-1]["peak_rss"],
+    }
