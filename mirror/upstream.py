@@ -59,6 +59,8 @@ ACCEPT = f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0
 SUPPORTED_MAJOR = 1
 SUPPORTED_MINOR = 4
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HTML_OPEN = re.compile(r"<html[\s>]", re.I)
+_HTML_CLOSE = re.compile(r"</html\s*>", re.I)
 # Serials are stored as SQLite INTEGERs: a larger one from upstream would
 # crash the state layer (and poison the feed position), so it is malformed.
 _MAX_SERIAL = 2**63 - 1
@@ -315,9 +317,16 @@ def parse_project_html(
 ) -> ProjectSnapshot:
     """A PEP 503 page (HTML-only upstreams).  Files without a sha256 are dropped:
     we never publish what we cannot verify."""
+    text = body.decode("utf-8", "replace")
+    # html.parser takes anything, and a page cut short (a CDN caching half an
+    # object, garbage) parses as a project with fewer files: publishing it
+    # would unlist the rest.  Markup must end with a tag, and a document that
+    # opens <html> must close it.
+    if not text.rstrip().endswith(">") or (_HTML_OPEN.search(text) and not _HTML_CLOSE.search(text)):
+        raise MalformedResponse(f"{name}: HTML page is cut short or garbled")
     p = _AnchorParser()
     try:
-        p.feed(body.decode("utf-8", "replace"))
+        p.feed(text)
         p.close()
     except Exception as e:  # html.parser is lenient; this is belt and braces
         raise MalformedResponse(f"{name}: unparsable HTML: {e}"[:300]) from None

@@ -80,6 +80,16 @@ MATRIX: dict[str, tuple[dict[str, Any], dict[str, Any], list[tuple[str, dict[str
             ("mirror_upstream_rejected_total", {"kind": "malformed"}),
         ],
     ),
+    # An HTML-only upstream: html.parser accepts garbage, so a garbled page
+    # must be recognised as such, not published as a project with no files.
+    "malformed-html": (
+        {},
+        {},
+        [
+            ("mirror_download_errors_total", {"reason": "hash_mismatch"}),  # HTML gives no sizes
+            ("mirror_upstream_rejected_total", {"kind": "malformed"}),
+        ],
+    ),
 }
 
 
@@ -88,10 +98,11 @@ async def test_fault_matrix_ends_in_a_complete_mirror(kind: str, tmp_path: Path)
     params, upstream_cfg, counters = MATRIX[kind]
     with FakePyPI(seed=6) as up:
         populate(up, 10, seed=6)
+        up.html_only = kind.endswith("-html")
         expected = upstream_files(up)
         rate = 0.25 if kind == "slow" else RATE  # each slow hit costs a timeout
         for where in ("/packages/", "/simple/"):
-            up.add_fault(kind, match=where, rate=rate, **params)
+            up.add_fault(kind.removesuffix("-html"), match=where, rate=rate, **params)
         cfg = make_config(
             up.url, tmp_path / "m",
             upstream={"retries": 3, **upstream_cfg},

@@ -494,3 +494,18 @@ async def test_one_path_with_two_hashes_never_overwrites_a_linked_file(
     assert (web / path.lstrip("/")).read_bytes() == upstream.file_content("alpha", fn)
     assert page_files(cfg, "beta") == set()
     assert check_tree(web) == []
+
+
+@pytest.mark.parametrize("body", [
+    b"<html><body><a href=",  # garbage, or half an object from a cache
+    b'<!DOCTYPE html><html><body><a href="/packages/a/demo-1.0.tar.gz#sha256=' + SHA.encode() + b'">demo-1.0.tar.gz</a>',
+    b"",
+])
+def test_html_page_cut_short_is_malformed_not_empty(body: bytes) -> None:
+    from mirror.errors import MalformedResponse
+    from mirror.model import NormalizedName
+    from mirror.upstream import parse_project_html
+
+    with pytest.raises(MalformedResponse, match="cut short"):
+        parse_project_html(body, name=NormalizedName("demo"), page_url="https://up.test/simple/demo/",
+                           header_serial=1, allow_http=False)
