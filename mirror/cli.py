@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import trio
 from mirror import __version__, filters
 from mirror.config import Config, load_config
 from mirror.daemon import run_daemon
-from mirror.errors import ConfigError, LockHeld, MirrorError, SyncIncomplete, leaves
+from mirror.errors import ConfigError, LockHeld, MassDeleteBlocked, MirrorError, SyncIncomplete, leaves
 from mirror.model import normalize_name
 from mirror.lock import DirectoryLock
 from mirror.metrics import Metrics
@@ -65,7 +66,9 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-async def run_sync(cfg: Config, *, metrics: Metrics, progress: Progress | None = None) -> CycleReport:
+async def run_sync(
+    cfg: Config, *, metrics: Metrics, progress: Progress | None = None, allow_mass_delete: bool = False
+) -> CycleReport:
     directory = cfg.mirror.directory
     tree = Tree(directory)
     removed = await trio.to_thread.run_sync(tree.prepare)
@@ -74,7 +77,8 @@ async def run_sync(cfg: Config, *, metrics: Metrics, progress: Progress | None =
     state = State.open(directory / "state")
     try:
         async with open_client(cfg.upstream, workers=cfg.mirror.workers, version=__version__) as client:
-            syncer = Syncer(cfg, client=client, state=state, tree=tree, metrics=metrics, progress=progress)
+            syncer = Syncer(cfg, client=client, state=state, tree=tree, metrics=metrics, progress=progress,
+                            allow_mass_delete=allow_mass_delete)
             return await syncer.sync_once()
     finally:
         state.close()
@@ -87,11 +91,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
         started = time.monotonic()
         try:
             with terminal_progress(sys.stderr) as line:
-                report = trio.run(lambda: run_sync(cfg, metrics=metrics, progress=line))
+                report = trio.run(lambda: run_sync(cfg, metrics=metrics, progress=line,
+                                                   allow_mass_delete=args.allow_mass_delete))
         finally:
             if args.metrics_textfile:
                 metrics.write_textfile(Path(args.metrics_textfile))
     log.info("sync done in %.2fs: %s", time.monotonic() - started, report.summary())
+    if report.blocked:
+        raise MassDeleteBlocked(report.blocked)
     if report.failed:
         raise SyncIncomplete(report.failed)
     return 0
@@ -211,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sync", help="run one sync cycle and exit")
     s.add_argument("--config", "-c", required=True, help="path to mirror.toml")
     s.add_argument("--metrics-textfile", help="write metrics for node_exporter's textfile collector")
+    s.add_argument("--allow-mass-delete", action="store_true",
+                   help="let this run publish a cycle the safety valve (max_retire, 10%% of projects) would stop")
     s.set_defaults(func=cmd_sync)
 
     v = sub.add_parser("verify", help="check the tree against the state; optionally repair it")
@@ -237,7 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", "-c", required=True, help="path to mirror.toml")
     st.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     st.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser("pull", help="copy a primary's web/ with rsync, consistently (for secondaries)")
+    pl.add_argument("source", metavar="SOURCE", help="rsync://host[:port]/module/, host::module/, host:/path/ or /path/")
+    pl.add_argument("dest", metavar="DEST", help="local directory to serve (the copy of web/)")
+    pl.add_argument("--name", default=socket.gethostname(), help="this site's name in DEST/trace/ (default: host name)")
+    pl.add_argument("--trace", dest="source_trace", help="the source's trace name (default: its newest trace)")
+    pl.add_argument("--rsync", default="rsync", help="rsync binary (default: rsync from PATH)")
+    pl.add_argument("--timeout", type=int, default=600, help="rsync I/O timeout in seconds")
+    pl.set_defaults(func=cmd_pull)
     return p
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from mirror.pull import pull
+    from mirror.rsync import Rsync
+
+    rsync = Rsync(args.rsync, timeout=args.timeout)
+    report = trio.run(lambda: pull(args.source, Path(args.dest), name=args.name, rsync=rsync, want=args.source_trace))
+    log.info("pull: %s", report.summary())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

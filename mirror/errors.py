@@ -8,7 +8,8 @@
     │   ├── MalformedResponse        unparsable JSON / HTML / XML-RPC, oversize page
     │   ├── UnsupportedAPIVersion    PEP 691 api-version with a higher major
     │   ├── StalePage                served serial below the one the feed promised
-    │   └── ProjectNotFound          404 for a project page
+    │   ├── ProjectNotFound          404 for a project page
+    │   └── PullError                `mirror pull`: the rsync source failed or is not a mirror
     ├── UnsafeInput                  upstream data that must never touch the disk
     │   ├── UnsafeName               project name that is not a PEP 508 name
     │   ├── UnsafePath               file path / filename that could escape web/
@@ -17,6 +18,7 @@
     │   ├── HashMismatch(url, expected, actual)
     │   └── SizeMismatch(url, expected, actual)
     ├── DiskError                    ENOSPC / EROFS / EIO while writing (exit 5)
+    ├── MassDeleteBlocked(reason)    the safety valve held a cycle back (exit 6)
     └── SyncIncomplete(failed)       some projects were deferred (exit 1)
 """
 
@@ -67,6 +69,10 @@ class StalePage(UpstreamError):
 
 
 class ProjectNotFound(UpstreamError):
+    pass
+
+
+class PullError(UpstreamError):
     pass
 
 
@@ -122,6 +128,17 @@ class SizeMismatch(DownloadError):
 
 class DiskError(MirrorError):
     exit_code = 5
+
+
+class MassDeleteBlocked(MirrorError):
+    exit_code = 6
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"safety valve: {reason}; nothing destructive was published. "
+            "If this is intended, run `mirror sync --allow-mass-delete` once"
+        )
+        self.reason = reason
 
 
 class SyncIncomplete(MirrorError):

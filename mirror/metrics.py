@@ -75,6 +75,9 @@ class Metrics:
         self.retirement_blocked = Gauge(
             "mirror_retirement_blocked", "1 while the mass-deletion safety valve blocks a cycle.", registry=r
         )
+        self.files_retired = Counter(
+            "mirror_files_retired_total", "Unreferenced files deleted after the grace period.", registry=r
+        )
         self.tree_files = Gauge("mirror_tree_files", "Verified files in the tree.", registry=r)
         self.tree_bytes = Gauge("mirror_tree_bytes", "Bytes of verified files in the tree.", registry=r)
         self.up = Gauge("mirror_up", "1 while the mirror process runs.", registry=r)

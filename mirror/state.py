@@ -16,6 +16,9 @@ Tables
   upstream  every project the feed has shown us with its last serial, mirrored
             or filtered out, so a filter change knows what upstream has
             without asking it again
+  changes   paths written or deleted under web/ since the last change list
+            (gen 0), or sealed into generation N but not yet written out
+  lists     the change lists (generation, serial range, time) for the index
 
 Only the trio thread touches the connection.  Every method is one short
 transaction; none of them reads a whole table into memory except through
@@ -25,6 +28,7 @@ generators that page with ``LIMIT``.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 import zlib
@@ -51,10 +55,15 @@ CREATE TABLE IF NOT EXISTS todo(
     name TEXT PRIMARY KEY, serial INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT, display TEXT);
 CREATE TABLE IF NOT EXISTS retire(path TEXT PRIMARY KEY, since REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS retire_since ON retire(since);
 CREATE TABLE IF NOT EXISTS gone(name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS upstream(name TEXT PRIMARY KEY, display TEXT, serial INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals(id INTEGER PRIMARY KEY CHECK (id = 0), files INTEGER NOT NULL, bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals(id, files, bytes) VALUES(0, 0, 0);
+CREATE TABLE IF NOT EXISTS changes(gen INTEGER NOT NULL, path TEXT NOT NULL, op TEXT NOT NULL,
+    PRIMARY KEY(gen, path)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lists(gen INTEGER PRIMARY KEY, serial_from INTEGER NOT NULL,
+    serial_to INTEGER NOT NULL, created REAL NOT NULL, written INTEGER NOT NULL DEFAULT 0);
 """
 
 
@@ -307,6 +316,7 @@ class State:
                 )
                 # A path that is back in use is no longer up for retirement.
                 self.db.execute("DELETE FROM retire WHERE path=?", (path,))
+                self._note(((path, "replace" if row else "add"),))
 
     def publish_project(
         self,
@@ -402,6 +412,107 @@ class State:
     # -- retirement -------------------------------------------------------
     def retire_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM retire").fetchone()[0])
+
+    def due_retirements(self, before: float, limit: int) -> list[str]:
+        """Paths unreferenced since ``before`` or earlier, oldest first: O(batch)
+        through the ``retire_since`` index, whatever the size of the tree."""
+        return [r[0] for r in self.db.execute(
+            "SELECT path FROM retire WHERE since <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM refs WHERE refs.path = retire.path) ORDER BY since LIMIT ?",
+            (before, limit),
+        )]
+
+    def forget_files(self, paths: Sequence[str]) -> None:
+        """Retired files were deleted from the tree: drop their rows, adjust
+        the totals and list them in the next change list, in one transaction."""
+        with self.db:
+            for i in range(0, len(paths), 500):
+                chunk = list(paths[i : i + 500])
+                marks = ",".join("?" * len(chunk))
+                n, b = self.db.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE path IN ({marks})", chunk
+                ).fetchone()
+                self.db.execute("UPDATE totals SET files=files-?, bytes=bytes-? WHERE id=0", (n, b))
+                self.db.execute(f"DELETE FROM files WHERE path IN ({marks})", chunk)
+                self.db.execute(f"DELETE FROM retire WHERE path IN ({marks})", chunk)
+            self._note((p, "retire") for p in paths)
+
+    # -- change lists -----------------------------------------------------
+    def _note(self, items: Iterable[tuple[str, str]]) -> None:
+        # The last operation on a path within a cycle is the one that counts.
+        self.db.executemany(
+            "INSERT INTO changes(gen, path, op) VALUES(0, ?, ?) ON CONFLICT(gen, path) DO UPDATE SET op=excluded.op",
+            items,
+        )
+
+    def note_changes(self, items: Iterable[tuple[str, str]]) -> None:
+        """Record pages about to be written or deleted for the next change list."""
+        with self.db:
+            self._note(items)
+
+    def epoch(self) -> str:
+        """Random id of this state: generations restart when the state is recreated."""
+        value = self.meta("epoch")
+        if value is None:
+            value = secrets.token_hex(8)
+            self.set_meta(epoch=value)
+        return value
+
+    def generation(self) -> int:
+        return int(self.meta("generation", "0") or 0)
+
+    def seal_changes(self, *, serial: int, now: float) -> int | None:
+        """Give the pending changes the next generation number; None if there are none."""
+        with self.db:
+            if self.db.execute("SELECT 1 FROM changes WHERE gen=0 LIMIT 1").fetchone() is None:
+                return None
+            gen = self.generation() + 1
+            serial_from = int(self.meta("generation_serial", "0") or 0)
+            self.db.execute("UPDATE changes SET gen=? WHERE gen=0", (gen,))
+            self.db.execute(
+                "INSERT OR REPLACE INTO lists(gen, serial_from, serial_to, created) VALUES(?, ?, ?, ?)",
+                (gen, serial_from, serial, now),
+            )
+            self.db.executemany(
+                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                [("generation", str(gen)), ("generation_serial", str(serial))],
+            )
+        return gen
+
+    def unwritten_lists(self) -> list[tuple[int, int, int, float]]:
+        """(generation, serial from, serial to, time) of sealed lists not yet on disk."""
+        return [
+            (int(g), int(a), int(b), float(t))
+            for g, a, b, t in self.db.execute(
+                "SELECT gen, serial_from, serial_to, created FROM lists WHERE written=0 ORDER BY gen"
+            )
+        ]
+
+    def sealed_count(self, gen: int) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM changes WHERE gen=?", (gen,)).fetchone()[0])
+
+    def sealed_changes(self, gen: int, *, after: str = "", limit: int = 10_000) -> list[tuple[str, str]]:
+        """(op, path) of one sealed generation, in path order, one page at a time."""
+        return [(str(op), str(p)) for p, op in self.db.execute(
+            "SELECT path, op FROM changes WHERE gen=? AND path > ? ORDER BY path LIMIT ?", (gen, after, limit)
+        )]
+
+    def list_written(self, gen: int) -> None:
+        with self.db:
+            self.db.execute("UPDATE lists SET written=1 WHERE gen=?", (gen,))
+            self.db.execute("DELETE FROM changes WHERE gen=?", (gen,))
+
+    def written_lists(self) -> list[tuple[int, int, int, float]]:
+        return [
+            (int(g), int(a), int(b), float(t))
+            for g, a, b, t in self.db.execute(
+                "SELECT gen, serial_from, serial_to, created FROM lists WHERE written=1 ORDER BY gen"
+            )
+        ]
+
+    def drop_lists(self, gens: Iterable[int]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM lists WHERE gen=?", [(g,) for g in gens])
 
     def tree_totals(self) -> tuple[int, int]:
         """(files, bytes) in the tree, kept as running totals: O(1) at any size."""

@@ -13,11 +13,27 @@ Theory of operation
    file into the tree and records it, and only then writes the project's
    pages and updates ``projects``/``refs``.  A failing project is deferred
    (kept in ``todo`` with its error) and never blocks the others.
+   A *destructive* project (removed upstream, or a page that drops files)
+   is held back until every worker is done; the safety valve
+   (``valve.decide``) then publishes all held projects, or none when the
+   cycle would retire too much, leaving them queued (``--allow-mass-delete``
+   lets one cycle through).
 3. *Root.*  When any project was published or removed, the root index is
    rewritten from ``projects``, after every page it links exists; pages of
    removed projects are deleted after that, so the root never links a page
    that is gone.
-4. *Serial.*  ``last-modified`` and the synced serial come last.
+4. *Retirement.*  Files unreferenced for ``retire_after`` are deleted (with
+   the directories they empty).  This comes after the root, when no
+   published page links them, and before the change list, so the list of
+   the cycle that deleted a file names it.
+5. *Change list, then trace.*  Every path written or deleted above was
+   noted in the state (before a page is written; with the state row of a
+   file); the notes become ``changes/<generation>-<epoch>.txt`` and the
+   index, and ``trace/<name>`` is written last of all (``downstream.py``).
+
+A secondary copying ``web/`` at any moment copies pages that only link files
+published before them and not retired for ``retire_after``; one that trusts
+the trace finds every change up to its generation listed.
 
 A disk error (ENOSPC, EROFS) aborts the whole cycle: nothing partial is
 visible because every write is a rename of a complete, fsynced file.  Every
@@ -42,7 +58,7 @@ from typing import Concatenate, ParamSpec
 import httpx
 import trio
 
-from mirror import filters, planner, render, rootindex
+from mirror import downstream, filters, planner, render, rootindex, valve
 from mirror.config import Config
 from mirror.download import Downloader
 from mirror.errors import (
@@ -125,7 +141,10 @@ class CycleReport:
     files_downloaded: int = 0
     bytes_downloaded: int = 0
     files_retired: int = 0
+    files_deleted: int = 0
     root_written: bool = False
+    generation: int | None = None
+    blocked: str = ""
     failed: dict[str, str] = field(default_factory=dict)
     # for the progress line: files planned so far, and finished either way
     files_planned: int = 0
@@ -147,6 +166,16 @@ class CycleReport:
 Progress = Callable[[str, int, int], None]
 
 
+@dataclass
+class _Held:
+    """A destructive project change waiting for the safety valve."""
+
+    name: NormalizedName
+    dropped: int  # paths the new page stops referencing (all, for a removal)
+    removal: bool
+    commit: Callable[[], Awaitable[None]] | None = None
+
+
 class Syncer:
     def __init__(
         self,
@@ -157,6 +186,7 @@ class Syncer:
         tree: Tree,
         metrics: Metrics,
         progress: Progress | None = None,
+        allow_mass_delete: bool = False,
     ) -> None:
         self.cfg = cfg
         self.state = state
@@ -169,6 +199,9 @@ class Syncer:
         # Set by the daemon on SIGTERM: projects already started finish, no
         # new one is handed out.
         self.stop_requested = False
+        # One-shot: consumed by the first cycle the safety valve would block.
+        self.allow_mass_delete = allow_mass_delete
+        self.held: list[_Held] = []
 
     # -- feed -----------------------------------------------------------------
     async def read_feed(self, report: CycleReport) -> None:
@@ -260,6 +293,7 @@ class Syncer:
 
     # -- projects -------------------------------------------------------------
     async def sync_projects(self, report: CycleReport) -> None:
+        self.held = []
         total = self.state.todo_count()
         self.metrics.projects_pending.set(total)
         if self.progress:
@@ -286,13 +320,45 @@ class Syncer:
                     if self.stop_requested:
                         break
                     await send.send(item)
+        await self.release_held(report)
+
+    async def release_held(self, report: CycleReport) -> None:
+        """Publish the held destructive changes, or none of them (safety valve)."""
+        held, self.held = self.held, []
+        if not held:
+            self.metrics.retirement_blocked.set(0)
+            return
+        verdict = valve.decide(
+            retiring=sum(h.dropped for h in held),
+            removing=sum(1 for h in held if h.removal),
+            projects=self.state.project_count(),
+            max_retire=self.cfg.mirror.max_retire,
+            allow=self.allow_mass_delete,
+        )
+        if not verdict.allowed:
+            self.metrics.retirement_blocked.set(1)
+            report.blocked = verdict.reason
+            log.error("safety valve: %s; %d destructive change(s) not published and kept queued "
+                      "(run `mirror sync --allow-mass-delete` once if this is intended)", verdict.reason, len(held))
+            for h in held:
+                self.state.defer(h.name, f"safety valve: {verdict.reason}")
+            return
+        self.metrics.retirement_blocked.set(0)
+        if verdict.overridden:
+            self.allow_mass_delete = False
+            log.warning("safety valve overridden by --allow-mass-delete: %s", verdict.reason)
+        for h in held:
+            if h.removal:
+                self._remove(h.name, report)
+            elif h.commit is not None:
+                await h.commit()
 
     async def sync_project(self, name: NormalizedName, promised: Serial, report: CycleReport) -> None:
         f = self.cfg.mirror_filters
         if f.active and (why := filters.project_allowed(f, name)) is not None:
             if self.state.project(name) is not None:
                 log.info("%s: excluded by the filters (%s); unpublishing", name, why)
-                self._remove(name, report)
+                self._remove_or_hold(name, report)
             else:
                 self.state.drop_todo(name)
             return
@@ -305,7 +371,7 @@ class Syncer:
             snap = await self.upstream.project_page(name, min_serial=promised)
         except ProjectNotFound:
             self.state.forget_upstream(name)
-            self._remove(name, report)
+            self._remove_or_hold(name, report)
             return
         except (UpstreamError, UnsafeInput) as e:
             # Malformed pages were counted by each attempt in project_page.
@@ -375,12 +441,23 @@ class Syncer:
                 pages.append((f"pypi/{name}/json", render.project_api_json(published, api)))
             except ValueError:
                 pages.append((f"pypi/{name}/json", render.project_api_json(published, None)))
-        if pages:
-            await trio.to_thread.run_sync(self.tree.write_files, pages)
-            report.pages_written += 1
-        orphans = self.state.publish_project(published, upstream=upstream_snap, page_sha256=digest, refs=refs)
-        report.files_retired += len(orphans)
-        report.projects_synced += 1
+
+        async def commit() -> None:
+            if pages:
+                # Noted before the write: a crash in between lists a page
+                # that did not change, never the other way round.
+                self.state.note_changes((rel, "add" if current is None else "replace") for rel, _ in pages)
+                await trio.to_thread.run_sync(self.tree.write_files, pages)
+                report.pages_written += 1
+            orphans = self.state.publish_project(published, upstream=upstream_snap, page_sha256=digest, refs=refs)
+            report.files_retired += len(orphans)
+            report.projects_synced += 1
+
+        dropped = len(self.state.refs(name) - refs)
+        if dropped:
+            self.held.append(_Held(name, dropped, removal=False, commit=commit))
+        else:
+            await commit()
 
     def _overwrites_linked(self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]]) -> bool:
         """True (and reported) when ``job`` would replace a verified file that a
@@ -458,6 +535,13 @@ class Syncer:
         report.files_downloaded += 1
         report.bytes_downloaded += v.size
 
+    def _remove_or_hold(self, name: NormalizedName, report: CycleReport) -> None:
+        """A published project is removed only through the safety valve."""
+        if self.state.project(name) is None:
+            self._remove(name, report)
+        else:
+            self.held.append(_Held(name, len(self.state.refs(name)), removal=True))
+
     def _remove(self, name: NormalizedName, report: CycleReport) -> None:
         orphans = self.state.remove_project(name)
         report.files_retired += len(orphans)
@@ -477,14 +561,16 @@ class Syncer:
             return
         # One streaming pass in a worker thread: the root is the only page
         # whose size grows with the index (600k projects on PyPI).
+        html = html_dirty or bool(gone)
+        self.state.note_changes((p, "replace") for p in rootindex.ROOT_PAGES if html or p.endswith("v1_json"))
         await trio.to_thread.run_sync(
-            functools.partial(rootindex.write_root, self.tree, self.state.path, self.state.serial,
-                              html=html_dirty or bool(gone))
+            functools.partial(rootindex.write_root, self.tree, self.state.path, self.state.serial, html=html)
         )
         self.state.clear_root_dirty()
         report.root_written = True
         if gone:
             paths = [p for n in gone for p in (*planner.page_paths(n), f"pypi/{n}/json")]
+            self.state.note_changes((p, "delete") for p in paths)
             await trio.to_thread.run_sync(self.tree.remove, paths)
             self.state.clear_gone(gone)
 
@@ -511,14 +597,21 @@ class Syncer:
                     root_error = e
         if root_error is not None:
             raise root_error  # the root stays marked dirty: the next cycle writes it
-        if report.changed:
+        report.files_deleted = await downstream.retire_due(self.state, self.tree, retire_after=self.cfg.mirror.retire_after)
+        self.metrics.files_retired.inc(report.files_deleted)
+        if report.changed or report.files_deleted:
             stamp = time.strftime("%Y%m%dT%H:%M:%S\n", time.gmtime()).encode()
+            self.state.note_changes([("last-modified", "replace")])
             await trio.to_thread.run_sync(self.tree.write_files, [("last-modified", stamp)])
         report.serial = self.state.serial
         report.synced_serial = self.state.synced_serial()
         report.duration = trio.current_time() - t0
+        report.generation = await downstream.publish_changes(
+            self.state, self.tree, self.cfg, serial=report.synced_serial, started=report.started,
+            duration=report.duration,
+        )
         self.state.set_meta(synced_serial=report.synced_serial, last_cycle=report.started,
-                            **({"last_success": time.time()} if not report.failed else {}),
+                            **({"last_success": time.time()} if not (report.failed or report.blocked) else {}),
                             # for `mirror status`, which reads the state only
                             **({"upstream_serial": report.upstream_serial} if report.upstream_serial else {}))
         self.update_gauges(report)
@@ -531,8 +624,8 @@ class Syncer:
             m.serial_lag.set(max(0, report.upstream_serial - report.synced_serial))
         m.synced_serial.set(report.synced_serial)
         m.cycle_duration.observe(report.duration)
-        m.cycles.labels("partial" if report.failed else "ok").inc()
-        if not report.failed:
+        m.cycles.labels("partial" if report.failed or report.blocked else "ok").inc()
+        if not (report.failed or report.blocked):
             m.last_success.set(time.time())
         self.update_state_gauges()
 

@@ -1,0 +1,501 @@
+"""``mirror pull SOURCE DEST``: keep a secondary copy of a primary's ``web/``.
+
+Theory of operation
+-------------------
+The primary keeps publishing while we copy, so a plain ``rsync`` of the tree
+can copy a page that links a file it has not copied (Debian's "index files
+will reference files not yet mirrored").  The primary promises two things
+(``sync.py``): a page only links files published before it, and a file is
+deleted only ``retire_after`` after the last page stopped linking it.  A pull:
+
+1. copies the source's ``trace/`` and picks the source's trace; when its
+   epoch and generation equal those of our own trace, there is nothing to do;
+2. *stage 1*: copies new files (``packages/``) straight into DEST, deleting
+   nothing.  When our generation is covered by the source's change lists
+   (``changes.py``) only the listed paths are sent (``--files-from``);
+   otherwise one full ``rsync -r`` of ``packages/``;
+3. *stage 2*: copies the changed pages (listed ones, or every page that
+   differs) into a staging directory, ``DEST/.~pull~/stage``, not into DEST;
+4. *closure*: reads the staged pages.  Copies of one page that disagree (rsync
+   read them across a rewrite) are fetched again; projects the new root lists
+   without a page are fetched; then every file a staged page links that is
+   not in DEST yet (published upstream after stage 1 began) is fetched;
+5. renames the staged pages into DEST: project pages first, then the root
+   index, then the rest; each rename is atomic, and each page's files are
+   already there;
+6. deletes the paths the lists say were retired or deleted (or, in full mode,
+   what the source no longer has) - only those the source really no longer
+   has, and never the page of a project our root still lists;
+7. copies ``changes/`` (so another site can pull from us the same way), the
+   source's traces, and writes our own trace, ``DEST/trace/<name>``, last.
+
+A pull killed at any point leaves DEST consistent (every step before 5 only
+adds unreferenced files; step 5 renames pages whose files are in place) and
+its trace unchanged, so the next pull does the same work again.  This is why
+stage 2 does not use ``--delay-updates``: it narrows the window but cannot
+close it while the primary is mid-cycle, and the closure step can.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from mirror import __version__, changes, pagelinks, trace
+from mirror.errors import ConfigError, PullError, UnsafePath
+from mirror.lock import DirectoryLock
+from mirror.model import safe_component, safe_relpath
+from mirror.rsync import VANISHED, Rsync
+
+log = logging.getLogger(__name__)
+
+WORK = ".~pull~"
+# Attempts at getting coherent copies of pages that change under us.
+COHERENCE_TRIES = 5
+_NOT_PAGES = ("packages/", "trace/", "changes/", WORK + "/")
+
+
+@dataclass
+class PullReport:
+    mode: str = "up-to-date"  # "up-to-date", "lists" or "full"
+    source_trace: str = ""
+    generation: int = 0
+    serial: int = 0
+    files: list[str] = field(default_factory=list)  # stage 1
+    pages: list[str] = field(default_factory=list)  # published from the stage
+    closure: list[str] = field(default_factory=list)  # files fetched for new pages
+    deleted: list[str] = field(default_factory=list)
+    duration: float = 0.0
+
+    def summary(self) -> str:
+        if self.mode == "up-to-date":
+            return f"up to date at generation {self.generation} (serial {self.serial}, trace {self.source_trace})"
+        return (
+            f"{self.mode}: now at generation {self.generation} (serial {self.serial}); "
+            f"{len(self.files)} file(s) in stage 1, {len(self.pages)} page(s), "
+            f"{len(self.closure)} late file(s), {len(self.deleted)} deleted, {self.duration:.2f}s"
+        )
+
+
+def source_url(source: str) -> str:
+    """``rsync://host[:port]/module/path``, ``host::module/path``, ``host:/path`` or a
+    local directory, always with the trailing slash rsync needs to copy contents."""
+    if not source.strip():
+        raise PullError("empty SOURCE")
+    return source if source.endswith("/") else source + "/"
+
+
+def pick_trace(traces: dict[str, dict[str, str]], *, want: str | None, own: str) -> tuple[str, trace.Position]:
+    """The source's own trace among those in its ``trace/``.
+
+    With ``want``, that one; otherwise the newest trace that carries a
+    position (a secondary's ``trace/`` also holds its primary's)."""
+    found = {
+        n: p for n, f in traces.items() if n != own and (p := trace.position(f)) is not None
+    }
+    if want is not None:
+        if want not in found:
+            raise PullError(f"the source has no usable trace/{want} (has: {', '.join(sorted(traces)) or 'none'})")
+        return want, found[want]
+    if not found:
+        raise PullError("the source's trace/ holds no trace written by mirror: has it finished a cycle?")
+    name = max(found, key=lambda n: (found[n].date, found[n].generation))
+    return name, found[name]
+
+
+def _valid(paths: set[str], what: str) -> list[str]:
+    out = []
+    for p in sorted(paths):
+        try:
+            out.append(safe_relpath(p))
+        except UnsafePath:
+            log.warning("%s: ignoring unsafe path %r", what, p[:200])
+    return out
+
+
+class _Pull:
+    def __init__(self, source: str, dest: Path, *, name: str, rsync: Rsync, want: str | None) -> None:
+        try:
+            safe_component(name)
+        except UnsafePath:
+            raise ConfigError(f"--name: letters, digits, '.', '_' and '-' only, got {name!r}") from None
+        self.src = source_url(source)
+        self.dest = dest
+        self.name = name
+        self.rsync = rsync
+        self.want = want
+        self.work = dest / WORK
+        self.stage = self.work / "stage"
+        self.meta = self.work / "meta"
+        self.tmp = self.work / "tmp"
+        self.report = PullReport()
+        self._lists = 0
+
+    def reset(self) -> None:
+        for d in (self.stage, self.meta, self.tmp):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+
+    async def fetch(self, paths: list[str], target: Path, *, what: str, compare: bool = False,
+                    ignore_missing: bool = True) -> list[str]:
+        self._lists += 1
+        res = await self.rsync.fetch_list(
+            self.src, paths, target, listfile=self.work / f"list.{self._lists}", temp_dir=self.tmp, what=what,
+            compare_dest=self.dest if compare else None, ignore_missing=ignore_missing,
+        )
+        return res.received
+
+    # -- 1: where are we --------------------------------------------------------
+    async def positions(self) -> tuple[str, trace.Position, trace.Position | None]:
+        await self.rsync.run(["-rt", "--delete", self.src + "trace/", f"{self.meta}/trace/"],
+                             what="reading the source's trace/", source=self.src)
+        traces = await trio.to_thread.run_sync(_read_traces, self.meta / "trace")
+        name, pos = pick_trace(traces, want=self.want, own=self.name)
+        local = await trio.to_thread.run_sync(_read_traces, self.dest / "trace", self.name)
+        mine = trace.position(local[self.name]) if self.name in local else None
+        return name, pos, mine
+
+    async def read_lists(self, have: trace.Position, want: trace.Position) -> changes.Net | None:
+        """Net changes from the source's lists after our generation, or None (not covered)."""
+        await self.fetch([changes.INDEX], self.meta, what="reading changes/index.txt")
+        index = self.meta / changes.INDEX
+        if not index.exists():
+            return None
+        try:
+            epoch, entries = changes.parse_index(index.read_bytes())
+        except ValueError as e:
+            log.warning("unusable change index on the source (%s); doing a full pull", e)
+            return None
+        needed = changes.covering(entries, after=have.generation, upto=want.generation)
+        if epoch != want.epoch or needed is None:
+            log.info("the source's change lists do not reach back to generation %d; doing a full pull", have.generation)
+            return None
+        rels = [f"changes/{e.name}" for e in needed]
+        # A list may expire between the index and this read: then go full.
+        await self.fetch(rels, self.meta, what="reading change lists")
+        try:
+            lists = [changes.parse_list((self.meta / r).read_bytes()) for r in rels]
+        except (OSError, ValueError) as e:
+            log.warning("unusable change list on the source (%s); doing a full pull", e)
+            return None
+        net = changes.net_changes(lists)
+        if net is None:
+            log.info("a change list after generation %d is incomplete (too many changes); doing a full pull",
+                     have.generation)
+        return net
+
+    # -- 2 and 3: files, then pages into the stage --------------------------------
+    async def stage_one(self, net: changes.Net | None) -> None:
+        if net is not None:
+            files = _valid({p for p in net.fetch if changes.is_package_path(p)}, "change list")
+            self.report.files = await self.fetch(files, self.dest, what="stage 1 (listed files)")
+        else:
+            res = await self.rsync.run(
+                ["-rt", f"--temp-dir={self.tmp}", self.src + "packages/", f"{self.dest}/packages/"],
+                what="stage 1 (all files)", source=self.src, ok=(0, VANISHED),
+            )
+            self.report.files = ["packages/" + p for p in res.received]
+
+    async def stage_two(self, net: changes.Net | None) -> None:
+        if net is not None:
+            pages = _valid({p for p in net.fetch if not p.startswith(_NOT_PAGES)}, "change list")
+            await self.fetch(pages, self.stage, what="stage 2 (listed pages)", compare=True)
+        else:
+            excludes = [f"--exclude=/{p}" for p in _NOT_PAGES]
+            await self.rsync.run(
+                ["-rt", f"--temp-dir={self.tmp}", f"--compare-dest={self.dest}/", *excludes,
+                 self.src, f"{self.stage}/"],
+                what="stage 2 (all pages)", source=self.src, ok=(0, VANISHED),
+            )
+
+    # -- 4: closure -------------------------------------------------------------
+    async def close(self) -> None:
+        for _ in range(COHERENCE_TRIES):
+            again, missing = await trio.to_thread.run_sync(_examine, self.stage, self.dest)
+            if again:
+                log.info("fetching %d page(s) again (changed while copied, or new in the root)", len(again))
+                await self.fetch(_valid(again, "page"), self.stage, what="stage 2 (pages again)")
+                continue
+            if missing:
+                got = await self.fetch(_valid(missing, "page link"), self.dest, what="files linked by new pages",
+                                       ignore_missing=False)
+                self.report.closure = got
+            return
+        raise PullError(
+            f"pages kept changing while being copied ({COHERENCE_TRIES} tries); nothing was published, retry later"
+        )
+
+    # -- 6: deletions -----------------------------------------------------------
+    async def delete(self, net: changes.Net | None) -> None:
+        if net is None:
+            res = await self.rsync.run(
+                ["-r", "--delete", "--existing", "--ignore-existing", self.src + "packages/", f"{self.dest}/packages/"],
+                what="deleting files the source no longer has", source=self.src, ok=(0, VANISHED),
+            )
+            self.report.deleted += ["packages/" + p for p in res.deleted]
+        candidates = await trio.to_thread.run_sync(_deletion_candidates, self.dest, net)
+        if not candidates:
+            return
+        # Delete only what the source no longer has: a path retired and then
+        # published again upstream stays.
+        empty = self.work / "empty"
+        empty.mkdir(exist_ok=True)
+        self._lists += 1
+        res = await self.rsync.fetch_list(
+            self.src, candidates, empty, listfile=self.work / f"list.{self._lists}", temp_dir=self.tmp,
+            what="checking deletions", compare_dest=None, ignore_missing=True,
+        )
+        still = set(res.received)
+        gone = [p for p in candidates if p not in still]
+        self.report.deleted += await trio.to_thread.run_sync(_remove, self.dest, gone)
+
+    # -- 7: lists and traces --------------------------------------------------------
+    async def finish(self, source_name: str, pos: trace.Position, started: float, t0: float) -> None:
+        try:
+            await self.rsync.run(
+                ["-rt", "--delete", f"--temp-dir={self.tmp}", self.src + "changes/", f"{self.dest}/changes/"],
+                what="copying changes/", source=self.src, ok=(0, VANISHED),
+            )
+        except PullError as e:
+            log.warning("change lists not copied (a site pulling from here will do full pulls): %s", e)
+        fields: dict[str, str | int | float] = {
+            "Date": trace.format_date(time.time()),
+            "Date-Started": trace.format_date(started),
+            "Creator": f"mirror {__version__} (pull)",
+            "Mirror": self.name,
+            "Upstream": self.src,
+            "Source-Trace": source_name,
+            "Serial": pos.serial,
+            "Epoch": pos.epoch,
+            "Generation": pos.generation,
+            "Mode": self.report.mode,
+            "Files-Transferred": len(self.report.files) + len(self.report.closure),
+            "Cycle-Seconds": float(trio.current_time() - t0),
+        }
+        await trio.to_thread.run_sync(_write_traces, self.meta / "trace", self.dest, self.name,
+                                      trace.render_trace(fields), self.tmp)
+
+    async def run(self) -> PullReport:
+        started, t0 = time.time(), trio.current_time()
+        await trio.to_thread.run_sync(self.reset)
+        source_name, pos, mine = await self.positions()
+        r = self.report
+        r.source_trace, r.generation, r.serial = source_name, pos.generation, pos.serial
+        if pos.same_as(mine):
+            return r
+        net = None
+        if mine is not None and mine.epoch == pos.epoch and mine.generation < pos.generation:
+            net = await self.read_lists(mine, pos)
+        r.mode = "full" if net is None else "lists"
+        log.info("pulling %s (trace %s, generation %d) in %s mode", self.src, source_name, pos.generation, r.mode)
+        await self.stage_one(net)
+        await self.stage_two(net)
+        await self.close()
+        r.pages = await trio.to_thread.run_sync(_publish, self.stage, self.dest)
+        await self.delete(net)
+        await self.finish(source_name, pos, started, t0)
+        r.duration = trio.current_time() - t0
+        return r
+
+
+async def pull(source: str, dest: Path, *, name: str, rsync: Rsync | None = None, want: str | None = None) -> PullReport:
+    dest = dest.absolute()
+    job = _Pull(source, dest, name=name, rsync=rsync or Rsync(), want=want)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PullError(f"cannot create {dest}: {e.strerror or e}") from None
+    with DirectoryLock(job.work / "lock"):
+        return await job.run()
+
+
+# -- blocking helpers, one thread hop each ------------------------------------------
+
+
+def _read_traces(directory: Path, only: str | None = None) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    try:
+        entries = [directory / only] if only else list(directory.iterdir())
+    except FileNotFoundError:
+        return out
+    for p in entries:
+        try:
+            if p.is_file() and not p.is_symlink():
+                out[p.name] = trace.parse_trace(p.read_bytes())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _effective(stage: Path, dest: Path, rel: str) -> bytes | None:
+    """A page as DEST will have it once the stage is published."""
+    for base in (stage, dest):
+        try:
+            return (base / rel).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return None
+
+
+def _staged(stage: Path) -> list[str]:
+    out = []
+    for root, _dirs, files in os.walk(stage):
+        for f in files:
+            out.append(os.path.relpath(os.path.join(root, f), stage).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def _examine(stage: Path, dest: Path) -> tuple[set[str], set[str]]:
+    """(pages to fetch again, files the staged pages link that DEST lacks)."""
+    staged = _staged(stage)
+    again: set[str] = set()
+    projects: set[str] = set()
+    for rel in staged:
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[0] in ("simple", "pypi"):
+            projects.add(f"{parts[0]}/{parts[1]}")
+    if any(r in staged for r in pagelinks.ROOT_PAGES):
+        try:
+            names = [pagelinks.root_names(r, _effective(stage, dest, r) or b"") for r in pagelinks.ROOT_PAGES]
+            ok = names[0] == names[1] == names[2]
+        except ValueError:
+            ok = False
+        if not ok:
+            again.update(pagelinks.ROOT_PAGES)
+        else:
+            old = dest / "simple" / "index.v1_json"
+            try:
+                before = pagelinks.root_names("simple/index.v1_json", old.read_bytes()) if old.exists() else frozenset()
+            except ValueError:
+                before = frozenset()
+            for n in names[2] - before:
+                if f"simple/{n}" not in projects and not (dest / "simple" / n / "index.v1_json").is_file():
+                    # Its page is new, or gone again upstream (then the
+                    # root no longer lists it): fetch both once more.
+                    again.update(f"simple/{n}/{p}" for p in pagelinks.PROJECT_PAGES)
+                    again.update(pagelinks.ROOT_PAGES)
+    links: set[str] = set()
+    for proj in sorted(projects):
+        if proj.startswith("pypi/"):
+            rel = proj + "/json"
+            data = _effective(stage, dest, rel)
+            try:
+                links |= pagelinks.page_refs(rel, data) if data is not None else frozenset()
+            except ValueError as e:
+                log.warning("%s", e)
+                again.add(rel)
+            continue
+        rels = [f"{proj}/{p}" for p in pagelinks.PROJECT_PAGES]
+        copies = [_effective(stage, dest, r) for r in rels]
+        if copies[0] is None or copies[2] is None:
+            # Gone upstream while we copied: do not publish half a project.
+            for r in rels:
+                (stage / r).unlink(missing_ok=True)
+            continue
+        try:
+            html_refs = pagelinks.page_refs(rels[0], copies[0])
+            json_refs = pagelinks.page_refs(rels[2], copies[2])
+            coherent = copies[0] == copies[1] and html_refs == json_refs
+        except ValueError as e:
+            log.warning("%s", e)
+            coherent = False
+        if not coherent:
+            again.update(rels)
+        else:
+            links |= json_refs
+    foreign = {p for p in links if not changes.is_package_path(p)}
+    if foreign:
+        log.warning("ignoring %d link(s) outside packages/, e.g. %s", len(foreign), sorted(foreign)[0])
+    missing = {p for p in links - foreign if not (dest / p).is_file()}
+    return again, missing
+
+
+def _publish(stage: Path, dest: Path) -> list[str]:
+    """Rename staged pages into DEST: project pages, then the root, then the rest."""
+    staged = [r for r in _valid(set(_staged(stage)), "staged page") if not r.startswith(_NOT_PAGES)]
+    first = [r for r in staged if "/" in r and r not in pagelinks.ROOT_PAGES]
+    root = [r for r in staged if r in pagelinks.ROOT_PAGES]
+    rest = [r for r in staged if "/" not in r]
+    done = []
+    for rel in first + root + rest:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / rel, target)
+        done.append(rel)
+    return done
+
+
+def _deletion_candidates(dest: Path, net: changes.Net | None) -> list[str]:
+    """Paths to delete if the source no longer has them; never the page of a
+    project our (new) root index lists."""
+    try:
+        listed = pagelinks.root_names("simple/index.v1_json", (dest / "simple/index.v1_json").read_bytes())
+    except (OSError, ValueError):
+        listed = frozenset()
+    if net is not None:
+        wanted = {p for p in net.remove if not p.startswith(("trace/", "changes/", WORK + "/"))}
+    else:
+        # Full mode: pages of projects our root does not list.
+        wanted = set()
+        for top in ("simple", "pypi"):
+            try:
+                entries = list(os.scandir(dest / top))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.is_dir(follow_symlinks=False) and e.name not in listed:
+                    wanted.update(f"{top}/{e.name}/{f.name}" for f in os.scandir(e.path) if f.is_file())
+    out = []
+    for p in _valid(wanted, "deletion"):
+        parts = p.split("/")
+        if len(parts) == 3 and parts[0] in ("simple", "pypi") and parts[1] in listed:
+            continue
+        if (dest / p).is_file():
+            out.append(p)
+    return out
+
+
+def _remove(dest: Path, paths: list[str]) -> list[str]:
+    done = []
+    parents = set()
+    for rel in paths:
+        try:
+            (dest / rel).unlink()
+            done.append(rel)
+        except FileNotFoundError:
+            continue
+        parents.add((dest / rel).parent)
+    for d in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        while d != dest and dest in d.parents:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            d = d.parent
+    return done
+
+
+def _write_traces(staged: Path, dest: Path, own: str, body: bytes, tmp: Path) -> None:
+    """The source's traces, then ours, last and atomically."""
+    target = dest / "trace"
+    target.mkdir(parents=True, exist_ok=True)
+    for p in sorted(staged.iterdir()) if staged.is_dir() else []:
+        if p.is_file() and p.name != own:
+            os.replace(p, target / p.name)
+    t = tmp / f"trace.{os.getpid()}"
+    with open(t, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(t, target / own)
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,108 @@
+"""Running the ``rsync`` binary (Debian package ``rsync``) for ``mirror pull``.
+
+Every run asks rsync to itemize what it did (``--out-format='%i %n'``) and for
+``--stats``, so the caller learns exactly which files arrived or went.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from mirror.errors import PullError
+
+log = logging.getLogger(__name__)
+
+# rsync(1) EXIT VALUES that an operator should see spelled out.
+_EXIT = {
+    1: "syntax or usage error",
+    2: "protocol incompatibility",
+    3: "errors selecting input/output files or directories",
+    5: "error starting the client-server protocol",
+    10: "error in socket I/O",
+    11: "error in file I/O",
+    12: "error in the rsync protocol data stream",
+    23: "partial transfer due to error",
+    24: "partial transfer: source files vanished",
+    30: "timeout in data send/receive",
+    35: "timeout waiting for the daemon connection",
+}
+VANISHED = 24
+_ITEM = re.compile(r"^([<>ch.][fdLDS][^ ]*) (.+)$")
+
+
+@dataclass
+class Result:
+    received: list[str] = field(default_factory=list)  # regular files that arrived
+    deleted: list[str] = field(default_factory=list)
+    stats: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def files_transferred(self) -> int:
+        """rsync's own count ("Number of regular files transferred")."""
+        return int(self.stats.get("Number of regular files transferred", "0").replace(",", ""))
+
+
+def parse_output(text: str) -> Result:
+    res = Result()
+    for line in text.splitlines():
+        if line.startswith("*deleting"):
+            res.deleted.append(line[len("*deleting"):].strip())
+        elif m := _ITEM.match(line):
+            if m.group(1)[1] == "f" and m.group(1)[0] in "<>c":
+                res.received.append(m.group(2))
+        elif ": " in line and (line.startswith("Number of") or line.startswith("Total")):
+            key, _, value = line.partition(": ")
+            res.stats[key.strip()] = value.strip()
+    return res
+
+
+def is_daemon_source(source: str) -> bool:
+    return source.startswith("rsync://") or "::" in source
+
+
+class Rsync:
+    def __init__(self, binary: str = "rsync", *, timeout: int = 600, extra: Sequence[str] = ()) -> None:
+        self.binary = binary
+        self.timeout = timeout
+        self.extra = list(extra)
+
+    async def run(self, args: Sequence[str], *, what: str, source: str = "", ok: Iterable[int] = (0,)) -> Result:
+        cmd = [self.binary, "--out-format=%i %n", "--stats", f"--timeout={self.timeout}"]
+        if is_daemon_source(source):
+            cmd.append("--contimeout=60")
+        cmd += [*self.extra, *args]
+        log.debug("running %s", " ".join(cmd))
+        try:
+            proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+        except FileNotFoundError:
+            raise PullError(f"{self.binary}: not found; install rsync (Debian package `rsync`)") from None
+        if proc.returncode not in tuple(ok):
+            err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            detail = "; ".join(err[-3:]) or "no message"
+            meaning = _EXIT.get(proc.returncode, "error")
+            raise PullError(f"{what}: rsync exited {proc.returncode} ({meaning}): {detail}")
+        if proc.returncode == VANISHED:
+            log.info("%s: some source files vanished during the transfer (retired upstream)", what)
+        return parse_output(proc.stdout.decode("utf-8", "replace"))
+
+    async def fetch_list(
+        self, source: str, paths: Sequence[str], target: Path, *, listfile: Path, temp_dir: Path,
+        what: str, compare_dest: Path | None = None, ignore_missing: bool = True,
+    ) -> Result:
+        """Copy ``paths`` (relative to ``source``) into ``target`` with ``--files-from``."""
+        if not paths:
+            return Result()
+        await trio.Path(listfile).write_text("".join(p + "\n" for p in paths))
+        args = ["-t", f"--files-from={listfile}", f"--temp-dir={temp_dir}"]
+        if ignore_missing:
+            args.append("--ignore-missing-args")
+        if compare_dest is not None:
+            args.append(f"--compare-dest={compare_dest}/")
+        args += [source, f"{target}/"]
+        return await self.run(args, what=what, source=source, ok=(0, VANISHED) if ignore_missing else (0,))
