@@ -51,7 +51,7 @@ from mirror import __version__, changes, pagelinks, trace
 from mirror.errors import ConfigError, PullError, UnsafePath
 from mirror.lock import DirectoryLock
 from mirror.model import safe_component, safe_relpath
-from mirror.rsync import VANISHED, Rsync
+from mirror.rsync import EXACT_TIMES, VANISHED, Rsync
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,15 @@ def source_url(source: str) -> str:
     return source if source.endswith("/") else source + "/"
 
 
-def pick_trace(traces: dict[str, dict[str, str]], *, want: str | None, own: str) -> tuple[str, trace.Position]:
+def pick_trace(
+    traces: dict[str, dict[str, str]], *, want: str | None, own: str, mtimes: dict[str, int] | None = None,
+) -> tuple[str, trace.Position]:
     """The source's own trace among those in its ``trace/``.
 
     With ``want``, that one; otherwise the newest trace that carries a
-    position (a secondary's ``trace/`` also holds its primary's)."""
+    position (a secondary's ``trace/`` also holds its primary's, and maybe
+    old ones): latest ``Date``, then the file written last (the source
+    writes its own trace after copying the others)."""
     found = {
         n: p for n, f in traces.items() if n != own and (p := trace.position(f)) is not None
     }
@@ -105,7 +109,8 @@ def pick_trace(traces: dict[str, dict[str, str]], *, want: str | None, own: str)
         return want, found[want]
     if not found:
         raise PullError("the source's trace/ holds no trace written by mirror: has it finished a cycle?")
-    name = max(found, key=lambda n: (found[n].date, found[n].generation))
+    mtimes = mtimes or {}
+    name = max(found, key=lambda n: (found[n].date, mtimes.get(n, 0), n))
     return name, found[name]
 
 
@@ -143,11 +148,11 @@ class _Pull:
             d.mkdir(parents=True)
 
     async def fetch(self, paths: list[str], target: Path, *, what: str, compare: bool = False,
-                    ignore_missing: bool = True) -> list[str]:
+                    ignore_missing: bool = True, always: bool = False) -> list[str]:
         self._lists += 1
         res = await self.rsync.fetch_list(
             self.src, paths, target, listfile=self.work / f"list.{self._lists}", temp_dir=self.tmp, what=what,
-            compare_dest=self.dest if compare else None, ignore_missing=ignore_missing,
+            compare_dest=self.dest if compare else None, ignore_missing=ignore_missing, always=always,
         )
         return res.received
 
@@ -156,7 +161,8 @@ class _Pull:
         await self.rsync.run(["-rt", "--delete", self.src + "trace/", f"{self.meta}/trace/"],
                              what="reading the source's trace/", source=self.src)
         traces = await trio.to_thread.run_sync(_read_traces, self.meta / "trace")
-        name, pos = pick_trace(traces, want=self.want, own=self.name)
+        mtimes = await trio.to_thread.run_sync(_mtimes, self.meta / "trace")
+        name, pos = pick_trace(traces, want=self.want, own=self.name, mtimes=mtimes)
         local = await trio.to_thread.run_sync(_read_traces, self.dest / "trace", self.name)
         mine = trace.position(local[self.name]) if self.name in local else None
         return name, pos, mine
@@ -209,7 +215,7 @@ class _Pull:
         else:
             excludes = [f"--exclude=/{p}" for p in _NOT_PAGES]
             await self.rsync.run(
-                ["-rt", f"--temp-dir={self.tmp}", f"--compare-dest={self.dest}/", *excludes,
+                ["-rt", EXACT_TIMES, f"--temp-dir={self.tmp}", f"--compare-dest={self.dest}/", *excludes,
                  self.src, f"{self.stage}/"],
                 what="stage 2 (all pages)", source=self.src, ok=(0, VANISHED),
             )
@@ -220,7 +226,7 @@ class _Pull:
             again, missing = await trio.to_thread.run_sync(_examine, self.stage, self.dest)
             if again:
                 log.info("fetching %d page(s) again (changed while copied, or new in the root)", len(again))
-                await self.fetch(_valid(again, "page"), self.stage, what="stage 2 (pages again)")
+                await self.fetch(_valid(again, "page"), self.stage, what="stage 2 (pages again)", always=True)
                 continue
             if missing:
                 got = await self.fetch(_valid(missing, "page link"), self.dest, what="files linked by new pages",
@@ -259,7 +265,7 @@ class _Pull:
     async def finish(self, source_name: str, pos: trace.Position, started: float, t0: float) -> None:
         try:
             await self.rsync.run(
-                ["-rt", "--delete", f"--temp-dir={self.tmp}", self.src + "changes/", f"{self.dest}/changes/"],
+                ["-rt", EXACT_TIMES, "--delete", f"--temp-dir={self.tmp}", self.src + "changes/", f"{self.dest}/changes/"],
                 what="copying changes/", source=self.src, ok=(0, VANISHED),
             )
         except PullError as e:
@@ -331,6 +337,13 @@ def _read_traces(directory: Path, only: str | None = None) -> dict[str, dict[str
         except (OSError, ValueError):
             continue
     return out
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    try:
+        return {e.name: e.stat(follow_symlinks=False).st_mtime_ns for e in os.scandir(directory)}
+    except FileNotFoundError:
+        return {}
 
 
 def _effective(stage: Path, dest: Path, rel: str) -> bytes | None:

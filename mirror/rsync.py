@@ -33,6 +33,9 @@ _EXIT = {
     35: "timeout waiting for the daemon connection",
 }
 VANISHED = 24
+# Pages are rewritten in place, often within the same second and at the same
+# size: compare mtimes to the nanosecond, not rsync's default whole second.
+EXACT_TIMES = "--modify-window=-1"
 _ITEM = re.compile(r"^([<>ch.][fdLDS][^ ]*) (.+)$")
 
 
@@ -93,13 +96,16 @@ class Rsync:
 
     async def fetch_list(
         self, source: str, paths: Sequence[str], target: Path, *, listfile: Path, temp_dir: Path,
-        what: str, compare_dest: Path | None = None, ignore_missing: bool = True,
+        what: str, compare_dest: Path | None = None, ignore_missing: bool = True, always: bool = False,
     ) -> Result:
-        """Copy ``paths`` (relative to ``source``) into ``target`` with ``--files-from``."""
+        """Copy ``paths`` (relative to ``source``) into ``target`` with ``--files-from``;
+        ``always`` skips rsync's quick check (size and mtime) and sends every one."""
         if not paths:
             return Result()
         await trio.Path(listfile).write_text("".join(p + "\n" for p in paths))
-        args = ["-t", f"--files-from={listfile}", f"--temp-dir={temp_dir}"]
+        args = ["-t", EXACT_TIMES, f"--files-from={listfile}", f"--temp-dir={temp_dir}"]
+        if always:
+            args.append("--ignore-times")
         if ignore_missing:
             args.append("--ignore-missing-args")
         if compare_dest is not None:

@@ -453,9 +453,9 @@ class Syncer:
             report.files_retired += len(orphans)
             report.projects_synced += 1
 
-        dropped = len(self.state.refs(name) - refs)
-        if dropped:
-            self.held.append(_Held(name, dropped, removal=False, commit=commit))
+        unreferenced = len(self.state.refs(name) - refs)
+        if unreferenced:
+            self.held.append(_Held(name, unreferenced, removal=False, commit=commit))
         else:
             await commit()
 

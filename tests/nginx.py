@@ -23,7 +23,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.e2e import free_port, stop_process, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 SITE_CONF = REPO / "conf" / "nginx.conf"
@@ -129,34 +130,6 @@ class Nginx:
             return ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()  # SIGTERM: fast shutdown of master and workers
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @contextmanager
 def run_nginx(web: Path, prefix: Path, *, site_conf: Path = SITE_CONF) -> Iterator[Nginx]:
     """nginx serving ``web`` with the shipped site config, on 127.0.0.1."""
@@ -166,7 +139,7 @@ def run_nginx(web: Path, prefix: Path, *, site_conf: Path = SITE_CONF) -> Iterat
     access_log = prefix / "access.log"
     shipped = site_conf.read_text()
     for _attempt in range(3):
-        port = _free_port()
+        port = free_port()
         site = prefix / "site.conf"
         site.write_text(site_for_test(shipped, web=web, port=port, access_log=access_log))
         main = prefix / "nginx.conf"
@@ -178,9 +151,9 @@ def run_nginx(web: Path, prefix: Path, *, site_conf: Path = SITE_CONF) -> Iterat
         )
         out.close()
         server = Nginx(f"http://127.0.0.1:{port}", prefix, access_log, proc)
-        if _wait_listening(port, proc, time.monotonic() + 15):
+        if wait_listening(port, proc, time.monotonic() + 15):
             break
-        _stop(proc)
+        stop_process(proc)
         errors = server.error_log() + (prefix / "nginx.out").read_text()
         if "Address already in use" not in errors:
             raise RuntimeError(f"nginx did not start:\n{errors}")
@@ -189,4 +162,4 @@ def run_nginx(web: Path, prefix: Path, *, site_conf: Path = SITE_CONF) -> Iterat
     try:
         yield server
     finally:
-        _stop(proc)
+        stop_process(proc)

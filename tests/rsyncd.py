@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.e2e import free_port, stop_process, wait_listening
 
 SHIPPED = Path(__file__).resolve().parent.parent / "conf" / "rsyncd.conf"
 
@@ -29,24 +30,6 @@ def daemon_config(web: Path, workdir: Path) -> str:
     return text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 @contextmanager
 def rsync_daemon(web: Path, workdir: Path) -> Iterator[str]:
     """Serve ``web`` as module ``pypi``; yields ``rsync://127.0.0.1:PORT/pypi/``."""
@@ -56,12 +39,12 @@ def rsync_daemon(web: Path, workdir: Path) -> Iterator[str]:
     conf = workdir / "rsyncd.conf"
     conf.write_text(daemon_config(web, workdir))
     for _ in range(5):  # the free port can be taken before rsync binds it
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={port}", "--address=127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        if _wait_listening(port, proc, time.monotonic() + 10):
+        if wait_listening(port, proc, time.monotonic() + 10):
             break
         proc.kill()
         proc.wait(timeout=5)
@@ -70,11 +53,6 @@ def rsync_daemon(web: Path, workdir: Path) -> Iterator[str]:
     try:
         yield f"rsync://127.0.0.1:{port}/pypi/"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
         if proc.stderr is not None:
             proc.stderr.close()

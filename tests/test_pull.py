@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import signal
 import subprocess
@@ -321,3 +322,19 @@ async def test_a_secondary_feeds_another_from_a_local_path(
     # The secondary's copy of the change lists serves the next site down.
     assert r.mode == "lists" and sorted(r.files) == sorted(pkg_paths(upstream, "pkg-0", new))
     assert check_tree(third) == [] and served(third) == served(primary.web)
+
+
+async def test_a_page_rewritten_in_the_same_second_at_the_same_size_is_copied(tmp_path: Path) -> None:
+    # rsync's quick check compares whole seconds by default; pages are
+    # rewritten in place, often within a second and at the same size.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for root, body, offset in ((src, b"new!", 600_000_000), (dst, b"old!", 100_000_000)):
+        page = root / "simple/a/index.html"
+        page.parent.mkdir(parents=True)
+        page.write_bytes(body)
+        t = (int(time.time()) - 10) * 10**9 + offset
+        os.utime(page, ns=(t, t))
+    res = await Rsync().fetch_list(f"{src}/", ["simple/a/index.html"], dst, listfile=tmp_path / "list",
+                                   temp_dir=tmp_path, what="test")
+    assert res.received == ["simple/a/index.html"]
+    assert (dst / "simple/a/index.html").read_bytes() == b"new!"
