@@ -48,7 +48,7 @@ from pathlib import Path
 import trio
 
 from mirror import __version__, changes, pagelinks, trace
-from mirror.errors import ConfigError, PullError, UnsafePath
+from mirror.errors import ConfigError, DiskError, PullError, UnsafePath
 from mirror.lock import DirectoryLock
 from mirror.model import safe_component, safe_relpath
 from mirror.rsync import EXACT_TIMES, VANISHED, Rsync
@@ -318,7 +318,11 @@ async def pull(source: str, dest: Path, *, name: str, rsync: Rsync | None = None
     except OSError as e:
         raise PullError(f"cannot create {dest}: {e.strerror or e}") from None
     with DirectoryLock(job.work / "lock"):
-        return await job.run()
+        try:
+            return await job.run()
+        except OSError as e:
+            # The local side failed (full disk, permissions): say where.
+            raise DiskError(f"{e.filename2 or e.filename or dest}: {e.strerror or e}") from None
 
 
 # -- blocking helpers, one thread hop each ------------------------------------------

@@ -18,6 +18,7 @@ import trio
 from mirror import changes, cli, pull
 from mirror.config import Config
 from mirror.errors import PullError
+from mirror.lock import DirectoryLock
 from mirror.metrics import Metrics
 from mirror.rsync import Result, Rsync
 from mirror.trace import parse_trace
@@ -251,6 +252,7 @@ def test_pull_cli(upstream: FakePyPI, primary: Primary, tmp_path: Path, daemon: 
     trio.run(sync, primary.cfg)
     source = daemon(primary.web)
     dest = tmp_path / "second"
+    capsys.readouterr()
     assert cli.main(["pull", source, str(dest), "--name", "second"]) == 0
     assert "pull: full" in capsys.readouterr().err
     assert check_tree(dest) == []
@@ -338,3 +340,22 @@ async def test_a_page_rewritten_in_the_same_second_at_the_same_size_is_copied(tm
                                    temp_dir=tmp_path, what="test")
     assert res.received == ["simple/a/index.html"]
     assert (dst / "simple/a/index.html").read_bytes() == b"new!"
+
+
+def test_a_local_disk_error_is_one_clear_line(
+    upstream: FakePyPI, primary: Primary, tmp_path: Path, daemon: Callable[[Path], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    upstream.add_release("pkg-0", "1.0")
+    trio.run(sync, primary.cfg)
+    source = daemon(primary.web)
+    dest = tmp_path / "second"
+    (dest / "trace").mkdir(parents=True)
+    (dest / "trace" / "second").mkdir()  # where our trace must go: not a file
+    capsys.readouterr()  # a handler an earlier cli.main left on a closed stream may have complained
+    assert cli.main(["pull", source, str(dest), "--name", "second"]) == 5
+    err = capsys.readouterr().err
+    assert "trace/second" in err and "Traceback" not in err
+    assert check_tree(dest) == []
+    with DirectoryLock(dest / pull.WORK / "lock"):  # another pull is running
+        assert cli.main(["pull", source, str(dest), "--name", "other"]) == 3
