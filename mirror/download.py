@@ -73,9 +73,18 @@ class _Sink:
             chunks, self.pending, self.pending_bytes = self.pending, [], 0
             await trio.to_thread.run_sync(self._write, chunks, False)
 
-    async def finish(self) -> None:
+    async def finish(self, commit: Callable[[Path], None] | None = None) -> None:
+        """Write the rest, fsync, close and (if given) hand the file to
+        ``commit``, all in one thread hop: per small file that hop, not the
+        network, is what bounds a first sync."""
         chunks, self.pending = self.pending, []
-        await trio.to_thread.run_sync(self._write, chunks, True)
+
+        def done() -> None:
+            self._write(chunks, True)
+            if commit is not None:
+                commit(self.path)
+
+        await trio.to_thread.run_sync(done)
 
     def close(self) -> None:
         if self.f is not None and not self.f.closed:
@@ -105,12 +114,18 @@ class Downloader:
         self.rng = rng or random.Random()
         self.sleep = sleep
 
-    async def fetch(self, url: str, *, sha256: str | None, size: int | None, limit: int | None = None) -> Verified:
+    async def fetch(
+        self, url: str, *, sha256: str | None, size: int | None, limit: int | None = None,
+        commit: Callable[[Path], None] | None = None,
+    ) -> Verified:
         """Download ``url`` to a verified temp file, retrying transient faults.
 
         ``sha256=None`` (PEP 658 ``true`` without a hash) means: accept and
         report the digest we computed.  ``limit`` caps a body whose ``size``
-        is unknown (sidecars), so an endless body cannot fill the disk."""
+        is unknown (sidecars), so an endless body cannot fill the disk.
+        ``commit`` (the tree's, never ours: this module does not know final
+        paths) is called with the verified, fsynced temp file in the same
+        thread hop; ``Verified.tmp`` has then been moved by it."""
         last: DownloadError | None = None
         for attempt in range(self.cfg.retries + 1):
             if attempt:
@@ -118,7 +133,7 @@ class Downloader:
                 await self.sleep(step * (0.5 + self.rng.random()))
             try:
                 async with self.limiter:
-                    return await self._attempt(url, sha256=sha256, size=size, limit=limit)
+                    return await self._attempt(url, sha256=sha256, size=size, limit=limit, commit=commit)
             except DownloadError as e:
                 self.metrics.download_errors.labels(e.reason).inc()
                 log.debug("download %s failed (attempt %d): %s", url, attempt + 1, e)
@@ -128,14 +143,18 @@ class Downloader:
         assert last is not None
         raise last
 
-    async def _attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> Verified:
+    async def _attempt(
+        self, url: str, *, sha256: str | None, size: int | None, limit: int | None,
+        commit: Callable[[Path], None] | None,
+    ) -> Verified:
         tmp = self.tree.new_temp()
         sink = _Sink(tmp)
         ok = False
         deadline = self.cfg.timeout + (size or 0) / MIN_RATE
         try:
             with trio.move_on_after(deadline) as scope:
-                result = await self._stream(url, sink, sha256=sha256, size=size, limit=limit, scope=scope)
+                result = await self._stream(url, sink, sha256=sha256, size=size, limit=limit, scope=scope,
+                                            commit=commit)
                 ok = True
                 return result
             raise DownloadError(url, "timeout", f"body slower than {MIN_RATE // 1024} KB/s after {self.cfg.timeout:g}s")
@@ -151,7 +170,7 @@ class Downloader:
 
     async def _stream(
         self, url: str, sink: _Sink, *, sha256: str | None, size: int | None, limit: int | None,
-        scope: trio.CancelScope,
+        scope: trio.CancelScope, commit: Callable[[Path], None] | None,
     ) -> Verified:
         h = hashlib.sha256()
         n = 0
@@ -193,7 +212,7 @@ class Downloader:
         digest = h.hexdigest()
         if sha256 is not None and digest != sha256:
             raise HashMismatch(url, sha256, digest)
-        await sink.finish()
+        await sink.finish(commit)
         self.metrics.files_downloaded.inc()
         self.metrics.bytes_downloaded.inc(n)
         return Verified(sink.path, n, digest)

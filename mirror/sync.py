@@ -53,6 +53,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Concatenate, ParamSpec
 
 import httpx
@@ -409,11 +410,18 @@ class Syncer:
         # disk error aborts the others; one that is renamed but not recorded
         # (killed in between) is adopted after a hash check next time.
         recorded: list[tuple[str, int, str]] = []
+        # Left in place by a killed run?  One stat hop for the whole project.
+        existing = await trio.to_thread.run_sync(self.tree.existing, [j.rel for j in fetches]) if fetches else set()
+        dirs: set[Path] = set()
         try:
             async with trio.open_nursery() as nursery:
                 report.files_planned += len(fetches)
                 for job in fetches:
-                    nursery.start_soon(self._fetch_counted, name, job, present, errors, report, recorded)
+                    nursery.start_soon(self._fetch_counted, name, job, present, errors, report, recorded,
+                                       job.rel in existing, dirs)
+            # Directory entries of the new files are durable before any page links them.
+            if dirs:
+                await trio.to_thread.run_sync(self.tree.sync_dirs, dirs)
         finally:
             self.state.record_files(recorded)
         if errors:
@@ -475,10 +483,10 @@ class Syncer:
 
     async def _fetch_counted(
         self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
-        report: CycleReport, recorded: list[tuple[str, int, str]],
+        report: CycleReport, recorded: list[tuple[str, int, str]], on_disk: bool, dirs: set[Path],
     ) -> None:
         try:
-            await self._fetch(name, job, present, errors, report, recorded)
+            await self._fetch(name, job, present, errors, report, recorded, on_disk, dirs)
         finally:
             report.files_done += 1
             if self.progress:
@@ -487,11 +495,11 @@ class Syncer:
 
     async def _fetch(
         self, name: str, job: planner.Fetch, present: dict[str, tuple[int, str]], errors: list[str],
-        report: CycleReport, recorded: list[tuple[str, int, str]],
+        report: CycleReport, recorded: list[tuple[str, int, str]], on_disk: bool, dirs: set[Path],
     ) -> None:
         # A run killed between rename and state commit left the right bytes
         # in place: adopt them after a hash check instead of downloading.
-        if job.sha256 is not None:
+        if job.sha256 is not None and on_disk:
             size = await trio.to_thread.run_sync(self.tree.adopt, job.rel, job.size, job.sha256)
             if size is not None:
                 recorded.append((job.rel, size, job.sha256))
@@ -500,7 +508,15 @@ class Syncer:
         try:
             # Sidecars are documents: an endless one is cut at the page cap.
             limit = None if job.kind == "dist" else self.cfg.upstream.max_page_bytes
-            v = await self.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit)
+            # Files are committed by the tree in the download's last thread hop;
+            # provenance is checked as JSON first.
+            commit = None if job.kind == "provenance" else functools.partial(self.tree.commit_file, rel=job.rel, dirs=dirs)
+            v = await self.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit, commit=commit)
+        except UnsafeInput as e:
+            self.metrics.rejected.labels("path").inc()
+            log.warning("%s: refused to write %s: %s", name, job.rel, e)
+            errors.append(f"{job.filename}: unsafe path")
+            return
         except DownloadError as e:
             if job.kind != "dist" and e.reason == "http_status" and e.detail in ("HTTP 404", "HTTP 410"):
                 # A missing sidecar is simply not advertised.
@@ -509,14 +525,15 @@ class Syncer:
             log.warning("%s: %s failed: %s", name, job.filename, e)
             errors.append(f"{job.filename}: {e.reason}")
             return
-        committed = False
+        committed = commit is not None
         try:
             if job.kind == "provenance" and not await trio.to_thread.run_sync(_is_json_file, v.tmp):
                 self.metrics.rejected.labels("malformed").inc()
                 log.warning("%s: provenance for %s is not valid JSON; not mirrored", name, job.filename[:-11])
                 return
             try:
-                await trio.to_thread.run_sync(self.tree.commit_file, v.tmp, job.rel)
+                if not committed:
+                    await trio.to_thread.run_sync(functools.partial(self.tree.commit_file, v.tmp, job.rel, dirs=dirs))
             except UnsafeInput as e:
                 # e.g. a directory on the path is a symlink: refuse this file only.
                 self.metrics.rejected.labels("path").inc()

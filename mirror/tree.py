@@ -91,15 +91,21 @@ class Tree:
     def path(self, rel: str) -> Path:
         return self.web / safe_relpath(rel)
 
-    def _ensure_parent(self, rel: str) -> Path:
-        """Create the parents of ``rel`` under web/, refusing symlinks."""
+    def _ensure_parent(self, rel: str, dirs: set[Path] | None = None) -> Path:
+        """Create the parents of ``rel`` under web/, refusing symlinks.
+
+        A new directory's entry is made durable by fsyncing its parent, now,
+        or later by ``sync_dirs`` when the caller collects them in ``dirs``."""
         parts = safe_relpath(rel).split("/")
         cur = self.web
         for part in parts[:-1]:
             cur = cur / part
             try:
                 os.mkdir(cur)
-                _fsync_dir(cur.parent)
+                if dirs is None:
+                    _fsync_dir(cur.parent)
+                else:
+                    dirs.add(cur.parent)
             except FileExistsError:
                 if cur.is_symlink() or not cur.is_dir():
                     raise UnsafePath(f"{cur} exists and is not a plain directory") from None
@@ -124,12 +130,22 @@ class Tree:
         return cur
 
     # -- commits ------------------------------------------------------------
-    def commit_file(self, tmp: Path, rel: str) -> None:
-        """Rename a verified, fsynced temp file to its final place."""
+    def commit_file(self, tmp: Path, rel: str, *, dirs: set[Path] | None = None) -> None:
+        """Rename a verified, fsynced temp file to its final place.
+
+        With ``dirs``, the directories whose entries changed are collected
+        there instead of fsynced one by one; the caller passes them to
+        ``sync_dirs`` before publishing any page that links the file.  Issued
+        back to back, the first of those fsyncs commits the filesystem journal
+        and the rest find nothing left to do, where one fsync per file would
+        each wait for a commit of its own."""
         try:
-            dest = self._ensure_parent(rel)
+            dest = self._ensure_parent(rel, dirs)
             os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            if dirs is None:
+                _fsync_dir(dest.parent)
+            else:
+                dirs.add(dest.parent)
         except UnsafePath:
             self.discard(tmp)
             raise
@@ -167,6 +183,28 @@ class Tree:
             for tmp, _ in temps:
                 self.discard(tmp)
             raise disk_error(e, f"writing {items[0][0] if items else 'pages'}") from None
+
+    def sync_dirs(self, dirs: Iterable[Path]) -> None:
+        """fsync directories collected by ``commit_file(..., dirs=...)``."""
+        try:
+            for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+                _fsync_dir(d)
+        except OSError as e:
+            raise disk_error(e, "syncing directories") from None
+
+    def existing(self, rels: Iterable[str]) -> set[str]:
+        """Which of ``rels`` already exist as plain files (one stat each).
+
+        Lets a sync look for files a killed run left in place with one
+        thread hop per project instead of one per file."""
+        found = set()
+        for rel in rels:
+            try:
+                if stat.S_ISREG(os.lstat(self.web / rel).st_mode):
+                    found.add(rel)
+            except OSError:
+                pass
+        return found
 
     def read(self, rel: str) -> bytes | None:
         try:

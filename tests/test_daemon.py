@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import logging
 import shutil
@@ -242,12 +244,12 @@ async def test_a_full_disk_backs_off_and_recovers(
     real = Tree.commit_file
     calls = []
 
-    def flaky(self: Tree, tmp: Path, rel: str) -> None:
+    def flaky(self: Tree, tmp: Path, rel: str, **kw: Any) -> None:
         calls.append(rel)
         if len(calls) == 1:
             self.discard(tmp)
             raise DiskError(f"publishing {rel}: No space left on device")
-        real(self, tmp, rel)
+        real(self, tmp, rel, **kw)
 
     monkeypatch.setattr(Tree, "commit_file", flaky)
     metrics = Metrics()
@@ -278,7 +280,7 @@ async def test_hard_deadline_when_a_thread_never_returns(
     release = threading.Event()
     entered = threading.Event()
 
-    def hung_disk(self: Tree, tmp: Path, rel: str) -> None:
+    def hung_disk(self: Tree, tmp: Path, rel: str, **kw: Any) -> None:
         entered.set()
         release.wait(20)  # a rename on a wedged disk: no cancellation reaches it
         self.discard(tmp)
@@ -305,7 +307,7 @@ async def test_hard_deadline_when_a_thread_never_returns(
 def test_cli_reports_errors_from_worker_tasks_without_a_traceback(
     upstream: FakePyPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def full(self: Tree, tmp: Path, rel: str) -> None:
+    def full(self: Tree, tmp: Path, rel: str, **kw: Any) -> None:
         self.discard(tmp)
         raise DiskError(f"publishing {rel}: No space left on device")
 
