@@ -5,7 +5,8 @@ Theory of operation
 1. *Feed.*  The changelog (or the root index diff) names the projects that
    changed and the serial each must reach.  They go into the ``todo`` table
    together with the new feed position, in one transaction: from then on a
-   crash loses nothing, the next run simply finds them in ``todo``.
+   crash loses nothing, the next run simply finds them in ``todo``
+   (``feed.py``).
 2. *Projects.*  ``workers`` tasks take projects from ``todo`` (including ones
    deferred by earlier runs).  Each fetches the page (stale pages are retried
    with cache busting, then deferred), plans, downloads the missing files
@@ -71,6 +72,7 @@ from mirror.errors import (
     UnsupportedAPIVersion,
     UpstreamError,
 )
+from mirror.feed import Feed
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName, ProjectSnapshot, Serial
 from mirror.state import State
@@ -196,6 +198,7 @@ class Syncer:
         self.upstream = Upstream(client, cfg.upstream, metrics=metrics)
         self.limiter = trio.CapacityLimiter(cfg.mirror.workers)
         self.downloader = Downloader(client, tree, cfg=cfg.upstream, metrics=metrics, limiter=self.limiter)
+        self.feed = Feed(cfg, state=state, upstream=self.upstream, metrics=metrics)
         self.progress = progress
         # Set by the daemon on SIGTERM: projects already started finish, no
         # new one is handed out.
@@ -203,94 +206,6 @@ class Syncer:
         # One-shot: consumed by the first cycle the safety valve would block.
         self.allow_mass_delete = allow_mass_delete
         self.held: list[_Held] = []
-
-    # -- feed -----------------------------------------------------------------
-    async def read_feed(self, report: CycleReport) -> None:
-        feed = self.cfg.upstream.feed
-        if feed in ("changelog", "auto"):
-            try:
-                await self._read_changelog(report)
-                return
-            except (UpstreamError,) as e:
-                if feed == "changelog" or isinstance(e, UnsupportedAPIVersion):
-                    raise
-                log.warning("XML-RPC feed unavailable (%s); using the simple root index", e)
-        await self._read_root(report)
-
-    async def _read_changelog(self, report: CycleReport) -> None:
-        up = self.upstream
-        pos = self.state.serial
-        if pos == 0 and self.state.project_count() == 0:
-            # First sync: the journal from serial 0 is tens of millions of
-            # rows; the listing gives every project's serial in one call.
-            last = await up.changelog_last_serial()
-            changes = planner.group_listing(await up.list_packages_with_serial())
-            position = max(changes.targets.values(), default=last)
-            report.upstream_serial = max(last, position)
-        else:
-            # One call answers both "anything new?" and "what?": a no-change
-            # cycle is a single small request, with no XML-RPC spacing wait.
-            events, position = await up.changelog_since(pos)
-            report.upstream_serial = position
-            if not events:
-                return
-            changes = planner.group_events(events)
-        self._reject_names(changes.rejected)
-        self.state.add_todo(self._wanted(changes.targets), position=max(pos, position),
-                            display=changes.display, seen=changes.targets)
-        log.info("feed: %d project(s) changed between serial %d and %d", len(changes.targets), pos, position)
-
-    async def _read_root(self, report: CycleReport) -> None:
-        res = await self.upstream.root_index(self.state.meta("root_etag"))
-        if res is None:
-            report.upstream_serial = int(self.state.meta("upstream_serial", "0") or 0) or None
-            return
-        entries, serial, etag, rejected = res
-        self._reject_names(rejected)
-        targets, missing = planner.diff_root(entries, self.state.project_serials())
-        # A project missing from the root is confirmed by fetching its page
-        # (404 -> removed); serial 0 so a live page is never "stale".
-        for name in missing:
-            targets.setdefault(name, Serial(0))
-        position = serial if serial is not None else max((e.serial for e in entries), default=0)
-        report.upstream_serial = position
-        self.state.add_todo(self._wanted(targets), position=max(self.state.serial, position),
-                            display={e.name: e.display_name for e in entries if e.name in targets},
-                            seen=targets, root_etag=etag or "", upstream_serial=position)
-        log.info("root index: %d project(s) to sync, %d missing upstream", len(targets), len(missing))
-
-    def _wanted(self, targets: dict[NormalizedName, Serial]) -> dict[NormalizedName, Serial]:
-        """Projects the filters exclude are remembered, never fetched; a
-        published project is always kept so an exclusion can unpublish it."""
-        f = self.cfg.mirror_filters
-        if not f.active:
-            return targets
-        return {n: s for n, s in targets.items()
-                if filters.project_allowed(f, n) is None or self.state.project(n) is not None}
-
-    def refilter_if_changed(self) -> int:
-        """After a filter change, queue every project whose outcome may differ.
-
-        Published projects are replayed from their stored upstream snapshot
-        (no upstream request); upstream projects never mirrored but now
-        allowed are queued with the serial the feed gave them.  This is the
-        one O(projects) step, and it runs only when the filters change."""
-        fingerprint = self.cfg.filters_fingerprint
-        if self.state.meta("filters", "") == fingerprint:
-            return 0
-        f = self.cfg.mirror_filters
-        queued: dict[NormalizedName, Serial] = dict(self.state.project_serials())
-        for name, serial in self.state.upstream_projects():
-            if name not in queued and (not f.active or filters.project_allowed(f, name) is None):
-                queued[name] = serial
-        self.state.add_todo(queued, seen={}, filters=fingerprint)
-        log.info("filters changed: %d project(s) queued to be re-checked", len(queued))
-        return len(queued)
-
-    def _reject_names(self, rejected: tuple[str, ...] | list[str]) -> None:
-        for name in rejected:
-            self.metrics.rejected.labels("name").inc()
-            log.warning("upstream: refused project name %s", name)
 
     # -- projects -------------------------------------------------------------
     async def sync_projects(self, report: CycleReport) -> None:
@@ -597,9 +512,9 @@ class Syncer:
         (deferred projects, repairs from ``mirror verify``)."""
         report = CycleReport(started=time.time())
         t0 = trio.current_time()
-        self.refilter_if_changed()
+        self.feed.refilter_if_changed()
         if feed:
-            await self.read_feed(report)
+            report.upstream_serial = await self.feed.read()
         root_error: DiskError | None = None
         try:
             await self.sync_projects(report)
