@@ -870,4 +870,6 @@ def test_5000_files_filter_fast() -> None:
         best = min(best, time.perf_counter() - start)
     assert len(out.files) + len(dropped) == 5000
     assert 0 < len(out.files) < 5000
-    assert best < 0.050, f"apply took {best * 1000:.1f} ms for 5000 files"
+    # About 25 ms here (50 ms on a busy CI run). The bound is ten times wider so a slow or busy CI
+    # machine does not fail it; a quadratic regression (25M steps) still does.
+    assert best < 0.5, f"apply took {best * 1000:.1f} ms for 5000 files"
