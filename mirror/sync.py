@@ -512,6 +512,7 @@ class Syncer:
         (deferred projects, repairs from ``mirror verify``)."""
         report = CycleReport(started=time.time())
         t0 = trio.current_time()
+        self.tree.forget_dirs()
         self.feed.refilter_if_changed()
         if feed:
             report.upstream_serial = await self.feed.read()

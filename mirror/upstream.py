@@ -40,6 +40,7 @@ from mirror.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from mirror import transport
 from mirror.metrics import Metrics
 from mirror.model import (
     ChangeEvent,
@@ -603,10 +604,11 @@ def _tls_context() -> ssl.SSLContext:
 
 def open_client(cfg: UpstreamConfig, *, workers: int, version: str) -> httpx.AsyncClient:
     """The one pooled client every upstream request goes through."""
+    limits = httpx.Limits(max_connections=workers + 8, max_keepalive_connections=workers + 8)
     return httpx.AsyncClient(
-        verify=_tls_context(),
+        transport=transport.transport(verify=_tls_context(), limits=limits),
         timeout=httpx.Timeout(cfg.timeout),
         headers={"User-Agent": f"mirror/{version} {cfg.user_agent}"},
         follow_redirects=True,
-        limits=httpx.Limits(max_connections=workers + 8, max_keepalive_connections=workers + 8),
+        limits=limits,
     )

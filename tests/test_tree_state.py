@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,20 @@ def test_write_files_creates_and_replaces_atomically(tree: Tree) -> None:
     assert os.listdir(tree.tmp) == []
     assert tree.read("simple/demo/index.html") == b"new page"
     assert tree.read("simple/nope/index.html") is None
+
+
+def test_write_files_links_items_that_share_their_bytes(tree: Tree) -> None:
+    html, json_ = b"<html>page</html>", b"{}"
+    tree.write_files([("simple/d/index.html", html), ("simple/d/index.v1_html", html), ("simple/d/index.v1_json", json_)])
+    d = tree.web / "simple/d"
+    assert os.path.samefile(d / "index.html", d / "index.v1_html")
+    assert not os.path.samefile(d / "index.html", d / "index.v1_json")
+    assert (d / "index.v1_html").read_bytes() == html and (d / "index.v1_json").read_bytes() == json_
+    # Equal bytes in two objects are written twice: only the same object links.
+    tree.write_files([("simple/d/index.html", b"new"), ("simple/d/index.v1_html", bytes(bytearray(b"new")))])
+    assert not os.path.samefile(d / "index.html", d / "index.v1_html")
+    assert (d / "index.html").read_bytes() == (d / "index.v1_html").read_bytes() == b"new"
+    assert os.listdir(tree.tmp) == []
 
 
 def test_write_files_unsafe_path_leaves_nothing(tree: Tree) -> None:
@@ -158,6 +173,35 @@ def test_read_and_path_refuse_unsafe_rel(tree: Tree, rel: str) -> None:
         tree.path(rel)
     with pytest.raises(UnsafePath):
         tree.read(rel)
+
+
+def test_remembered_directory_removed_by_hand_is_created_again(tree: Tree) -> None:
+    tree.commit_file(temp_with(tree, b"1"), "packages/ab/cd/one.whl")
+    shutil.rmtree(tree.web / "packages")  # behind the tree's back, mid-cycle
+    tree.commit_file(temp_with(tree, b"2"), "packages/ab/cd/two.whl")
+    tree.write_files([("packages/ab/cd/three.whl", b"3")])
+    assert all_files(tree.web) == ["packages/ab/cd/three.whl", "packages/ab/cd/two.whl"]
+    assert os.listdir(tree.tmp) == []
+
+
+def test_pruned_directory_is_not_remembered(tree: Tree) -> None:
+    tree.commit_file(temp_with(tree, b"1"), "packages/ab/one.whl")
+    assert tree.remove(["packages/ab/one.whl"]) == 1
+    assert not (tree.web / "packages").exists()
+    tree.commit_file(temp_with(tree, b"2"), "packages/ab/two.whl")
+    assert (tree.web / "packages/ab/two.whl").read_bytes() == b"2"
+
+
+def test_symlink_planted_between_cycles_is_refused(tree: Tree, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tree.commit_file(temp_with(tree, b"1"), "packages/ab/one.whl")
+    shutil.rmtree(tree.web / "packages/ab")
+    os.symlink(outside, tree.web / "packages/ab")
+    tree.forget_dirs()  # what the sync engine does at every cycle's start
+    with pytest.raises(UnsafePath):
+        tree.commit_file(temp_with(tree, b"evil"), "packages/ab/two.whl")
+    assert all_files(outside) == []
 
 
 def test_remove_prunes_empty_parents_but_not_web(tree: Tree) -> None:

@@ -72,6 +72,8 @@ def test_each_kind_of_damage_is_found(mirror: Path, tmp_path: Path, capsys: pyte
     (web / linked).unlink()
     (web / linked).symlink_to("/etc/hostname")
     (web / "simple/pkg-00001/index.v1_json").unlink()
+    # index.v1_html is a hard link to index.html: replace it, do not edit both.
+    (web / "simple/pkg-00002/index.v1_html").unlink()
     (web / "simple/pkg-00002/index.v1_html").write_text("<html>other</html>")
     (web / "simple/pkg-00003/index.v1_json").write_text("{not json")
     page4 = web / "simple/pkg-00004/index.v1_json"
