@@ -11,9 +11,11 @@ themselves.
 A server closes an idle connection after its keep-alive timeout (nginx 75 s,
 PyPI's CDN longer), not within half a second of its last response.  So a
 connection that moved bytes less than ``PROBE_AFTER`` (half a second) ago is
-reported as not readable without asking the kernel.  If a server does close
-one that early, the request fails like any dropped connection and is retried
-by the caller.
+reported as not readable without asking the kernel, and so is one the
+kernel was asked about less than that long ago (a connection that stays idle
+is asked at most twice a second, not at every request).  If a server does
+close one in that window, the request fails like any dropped connection and
+is retried by the caller.
 
 httpx does not take a network backend, so the pool it built is swapped for
 an identical one built with ours.  ``probe_skipping`` tells whether that
@@ -36,19 +38,20 @@ PROBE_AFTER = 0.5
 class _Stream(httpcore.AsyncNetworkStream):
     def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
         self._inner = inner
-        self._used = time.monotonic()
+        # Last time bytes moved, or the kernel said "not closed".
+        self._checked = time.monotonic()
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
             return await self._inner.read(max_bytes, timeout)
         finally:
-            self._used = time.monotonic()
+            self._checked = time.monotonic()
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         try:
             await self._inner.write(buffer, timeout)
         finally:
-            self._used = time.monotonic()
+            self._checked = time.monotonic()
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -59,9 +62,15 @@ class _Stream(httpcore.AsyncNetworkStream):
         return _Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
 
     def get_extra_info(self, info: str) -> typing.Any:
-        if info == "is_readable" and time.monotonic() - self._used < PROBE_AFTER:
+        if info != "is_readable":
+            return self._inner.get_extra_info(info)
+        now = time.monotonic()
+        if now - self._checked < PROBE_AFTER:
             return False
-        return self._inner.get_extra_info(info)
+        readable = self._inner.get_extra_info(info)
+        if not readable:
+            self._checked = now
+        return readable
 
 
 class _Backend(httpcore.AsyncNetworkBackend):
