@@ -40,6 +40,9 @@ class UpstreamConfig:
     stale_retries: int = 4
     xmlrpc_interval: float = 1.0
     max_page_bytes: int = 64 * 1024 * 1024
+    # A file listed without a size (PEP 503 HTML, PEP 691 1.0) is cut here,
+    # so an endless body cannot fill the disk.
+    max_unknown_file_bytes: int = 10 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ def _upstream(s: _Section) -> UpstreamConfig:
         stale_retries=s.integer("stale_retries", d.stale_retries),
         xmlrpc_interval=s.number("xmlrpc_interval", d.xmlrpc_interval),
         max_page_bytes=s.integer("max_page_bytes", d.max_page_bytes, minimum=1024),
+        max_unknown_file_bytes=s.integer("max_unknown_file_bytes", d.max_unknown_file_bytes, minimum=1024),
     )
     s.done()
     return cfg

@@ -421,8 +421,10 @@ class Syncer:
                 present[job.rel] = (size, job.sha256)
                 return
         try:
-            # Sidecars are documents: an endless one is cut at the page cap.
-            limit = None if job.kind == "dist" else self.cfg.upstream.max_page_bytes
+            # Only bodies of unknown size are capped (a known size is enforced
+            # exactly): sidecars are documents, cut at the page cap.
+            up = self.cfg.upstream
+            limit = up.max_unknown_file_bytes if job.kind == "dist" else up.max_page_bytes
             # Files are committed by the tree in the download's last thread hop;
             # provenance is checked as JSON first.
             commit = None if job.kind == "provenance" else functools.partial(self.tree.commit_file, rel=job.rel, dirs=dirs)

@@ -374,6 +374,28 @@ async def test_endless_sidecar_is_cut_at_the_page_cap(upstream: FakePyPI, tmp_pa
     assert os.listdir(tmp_path / "m/state/tmp") == []
 
 
+async def test_endless_file_of_unknown_size_is_cut_at_its_cap(upstream: FakePyPI, tmp_path: Path) -> None:
+    """A distribution listed without a size (as on an HTML-only upstream)
+    is cut at ``max_unknown_file_bytes``; one below the cap is kept."""
+    small = os.urandom(3000)
+    with HostileServer() as hs:
+        hs.routes["/packages/aa/big-1.0.tar.gz"] = ("endless", None)
+        hs.routes["/packages/aa/small-1.0.tar.gz"] = ("bytes", small)
+        _file_page(upstream, "big", [entry("big-1.0.tar.gz", f"{hs.url}/packages/aa/big-1.0.tar.gz", size=None)])
+        _file_page(upstream, "small", [entry("small-1.0.tar.gz", f"{hs.url}/packages/aa/small-1.0.tar.gz",
+                                             sha=hashlib.sha256(small).hexdigest(), size=None)])
+        cfg = make_config(upstream.url, tmp_path / "m", upstream={"retries": 0, "max_unknown_file_bytes": 1 << 20})
+        m = Metrics()
+        report = await sync(cfg, m)
+        sent = hs.sent["/packages/aa/big-1.0.tar.gz"]
+    assert set(report.failed) == {"big"} and "size_mismatch" in report.failed["big"]
+    assert download_errors(m, "size_mismatch") == 1
+    assert sent < 64 << 20, sent
+    assert (tmp_path / "m/web/packages/aa/small-1.0.tar.gz").read_bytes() == small
+    assert not (tmp_path / "m/web/packages/aa/big-1.0.tar.gz").exists()
+    assert os.listdir(tmp_path / "m/state/tmp") == []
+
+
 async def test_trickling_body_hits_the_total_deadline(upstream: FakePyPI, tmp_path: Path) -> None:
     """Each byte arrives well within the per-read timeout; only the per-file
     deadline (timeout + size / 64 KB/s) can stop a 4000-byte file that would
