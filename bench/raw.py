@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", required=True)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--disk", help="also write+fsync+rename each file into this directory")
+    p.add_argument("--shard", default="0/1", help="K/N: only every N-th URL, starting at the K-th")
     args = p.parse_args(argv)
-    manifest = [tuple(x) for x in json.loads(Path(args.manifest).read_bytes())]
+    k, n = (int(x) for x in args.shard.split("/"))
+    manifest = [tuple(x) for x in json.loads(Path(args.manifest).read_bytes())][k::n]
     disk = Path(args.disk) if args.disk else None
     if disk is not None:
         disk.mkdir(parents=True, exist_ok=True)

@@ -41,24 +41,51 @@ def write_config(path: Path, url: str, directory: Path, *, workers: int, xmlrpc_
     return path
 
 
+def settle() -> None:
+    """Let the previous run's writeback and deletions reach the disk first,
+    so a run is not charged for flushing its predecessor's gigabyte."""
+    os.sync()
+    time.sleep(2)
+
+
 def run_child(cmd: list[str]) -> dict[str, Any]:
     """Run a child to completion: wall time, CPU (user+sys) via wait4, peak RSS by polling VmHWM."""
+    return run_children([cmd])
+
+
+def run_children(cmds: list[list[str]]) -> dict[str, Any]:
+    """Run children side by side: wall until the last exits, summed CPU and
+    peak RSS, the worst exit code, their outputs joined."""
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
-        hwm = 0
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            hwm = max(hwm, proc_status("VmHWM", p.pid))
-            time.sleep(0.02)
+    outs = [tempfile.TemporaryFile() for _ in cmds]
+    try:
+        procs = [subprocess.Popen(c, cwd=ROOT, stdout=o, stderr=subprocess.DEVNULL) for c, o in zip(cmds, outs)]
+        peak = {p.pid: 0 for p in procs}
+        user = sys_ = 0.0
+        rc = 0
+        running = {p.pid for p in procs}
+        while running:
+            for pid in list(running):
+                done, status, ru = os.wait4(pid, os.WNOHANG)
+                if done:
+                    running.discard(pid)
+                    user += ru.ru_utime
+                    sys_ += ru.ru_stime
+                    rc = max(rc, abs(os.waitstatus_to_exitcode(status)))
+                else:
+                    peak[pid] = max(peak[pid], proc_status("VmHWM", pid))
+            if running:
+                time.sleep(0.02)
         wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "user": ru.ru_utime, "sys": ru.ru_stime,
-            "peak_rss": hwm, "rc": p.returncode, "stdout": text}
+        text = ""
+        for o in outs:
+            o.seek(0)
+            text += o.read().decode(errors="replace")
+    finally:
+        for o in outs:
+            o.close()
+    return {"wall": wall, "cpu": user + sys_, "user": user, "sys": sys_,
+            "peak_rss": sum(peak.values()), "rc": rc, "stdout": text}
 
 
 def _rates(r: dict[str, Any], files: int, nbytes: int) -> dict[str, Any]:
@@ -68,53 +95,99 @@ def _rates(r: dict[str, Any], files: int, nbytes: int) -> dict[str, Any]:
     return r
 
 
-def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool) -> dict[str, Any]:
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-figure medians of several runs of one command."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["runs"] = runs
+    return out
+
+
+def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool, rounds: int = 3) -> dict[str, Any]:
+    """raw, raw+disk and ``mirror sync`` on one corpus, ``rounds`` times in turn.
+
+    Interleaved rounds and medians, because on a shared machine the same
+    command's wall time drifts by tens of percent within minutes; each
+    round's ratio compares runs made back to back."""
     root = work / "corpus"
     t0 = time.perf_counter()
     stats = corpus.generate(root, files=files, seed=seed)
     gen = time.perf_counter() - t0
     manifest = root / "manifest.json"
     n_urls = stats.files + stats.sidecars
-    out: dict[str, Any] = {"corpus": {**stats.__dict__, "urls": n_urls, "generate_s": gen}}
+    out: dict[str, Any] = {"corpus": {**stats.__dict__, "urls": n_urls, "generate_s": gen}, "rounds": rounds}
+    runs: dict[str, list[dict[str, Any]]] = {"raw": [], "raw_disk": [], "raw_disk_2": [], "mirror": []}
     with Upstream(root, work / "run-sync") as up:
         out["server"] = up.server
         py = sys.executable
-        raw = run_child([py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest), "--concurrency", str(workers)])
-        if raw["rc"] != 0:
-            raise RuntimeError(f"raw baseline failed: {raw['stdout'][-2000:]}")
-        out["raw"] = _rates(raw, n_urls, stats.bytes)
-        up.traffic()
-        disk_dir = work / "raw-disk"
-        rawd = run_child([py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
-                          "--concurrency", str(workers), "--disk", str(disk_dir)])
-        shutil.rmtree(disk_dir, ignore_errors=True)
-        out["raw_disk"] = _rates(rawd, n_urls, stats.bytes)
-        up.traffic()
-        mdir = work / "mirror-sync"
-        cfg = write_config(work / "sync.toml", up.url, mdir, workers=workers, xmlrpc_interval=0)
-        sync = run_child([py, "-m", "mirror", "--log-level", "warning", "sync", "--config", str(cfg)])
-        if sync["rc"] != 0:
-            raise RuntimeError(f"mirror sync exited {sync['rc']}")
-        out["mirror"] = _rates(sync, n_urls, stats.bytes)
-        t = up.traffic()
-        out["mirror"]["upstream_requests"] = t.requests
-        out["mirror"]["upstream_by_kind"] = t.by_kind
-        from mirror.state import State
-
-        st = State.open(mdir / "state")
-        try:
-            tree_files, tree_bytes = st.tree_totals()
-        finally:
-            st.close()
-        if (tree_files, tree_bytes) != (n_urls, stats.bytes):
-            raise RuntimeError(f"mirror holds {tree_files} files / {tree_bytes} B, corpus has {n_urls} / {stats.bytes}")
-        out["ratio"] = out["mirror"]["wall"] / out["raw"]["wall"]
-        out["ratio_disk"] = out["mirror"]["wall"] / out["raw_disk"]["wall"]
-        if not keep:
+        for n in range(rounds):
+            print(f"sync: round {n + 1}/{rounds} ...", file=sys.stderr, flush=True)
+            settle()
+            raw = run_child([py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
+                             "--concurrency", str(workers)])
+            if raw["rc"] != 0:
+                raise RuntimeError(f"raw baseline failed: {raw['stdout'][-2000:]}")
+            runs["raw"].append(_rates(raw, n_urls, stats.bytes))
+            up.traffic()
+            disk_dir = work / "raw-disk"
+            settle()
+            rawd = run_child([py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
+                              "--concurrency", str(workers), "--disk", str(disk_dir)])
+            shutil.rmtree(disk_dir, ignore_errors=True)
+            runs["raw_disk"].append(_rates(rawd, n_urls, stats.bytes))
+            up.traffic()
+            # The same work split over two processes (one GIL each): the floor
+            # of any durable design on this machine, however it is built.
+            settle()
+            rawd2 = run_children([[py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
+                                   "--concurrency", str(max(1, workers // 2)), "--disk", str(disk_dir / str(k)),
+                                   "--shard", f"{k}/2"] for k in range(2)])
+            shutil.rmtree(disk_dir, ignore_errors=True)
+            if rawd2["rc"] != 0:
+                raise RuntimeError(f"raw+disk x2 failed: {rawd2['stdout'][-2000:]}")
+            runs["raw_disk_2"].append(_rates(rawd2, n_urls, stats.bytes))
+            up.traffic()
+            mdir = work / "mirror-sync"
             shutil.rmtree(mdir, ignore_errors=True)
+            cfg = write_config(work / "sync.toml", up.url, mdir, workers=workers, xmlrpc_interval=0)
+            settle()
+            sync = run_child([py, "-m", "mirror", "--log-level", "warning", "sync", "--config", str(cfg)])
+            if sync["rc"] != 0:
+                raise RuntimeError(f"mirror sync exited {sync['rc']}")
+            m = _rates(sync, n_urls, stats.bytes)
+            t = up.traffic()
+            m["upstream_requests"] = t.requests
+            m["upstream_by_kind"] = t.by_kind
+            _check_tree(mdir, n_urls, stats.bytes)
+            runs["mirror"].append(m)
+            if not keep:
+                shutil.rmtree(mdir, ignore_errors=True)
+    for key, rs in runs.items():
+        out[key] = _median_run(rs)
+    out["mirror"]["upstream_by_kind"] = runs["mirror"][-1]["upstream_by_kind"]
+    out["ratios"] = [{"mirror/raw": m["wall"] / r["wall"], "mirror/raw+disk": m["wall"] / d["wall"],
+                      "raw+disk/raw": d["wall"] / r["wall"], "raw+disk x2/raw": d2["wall"] / r["wall"]}
+                     for r, d, d2, m in zip(runs["raw"], runs["raw_disk"], runs["raw_disk_2"], runs["mirror"],
+                                            strict=True)]
+    out["ratio"] = statistics.median(x["mirror/raw"] for x in out["ratios"])
+    out["ratio_disk"] = statistics.median(x["mirror/raw+disk"] for x in out["ratios"])
+    out["ratio_floor"] = statistics.median(x["raw+disk/raw"] for x in out["ratios"])
+    out["ratio_floor_2"] = statistics.median(x["raw+disk x2/raw"] for x in out["ratios"])
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     return out
+
+
+def _check_tree(mdir: Path, n_urls: int, nbytes: int) -> None:
+    from mirror.state import State
+
+    st = State.open(mdir / "state")
+    try:
+        tree_files, tree_bytes = st.tree_totals()
+    finally:
+        st.close()
+    if (tree_files, tree_bytes) != (n_urls, nbytes):
+        raise RuntimeError(f"mirror holds {tree_files} files / {tree_bytes} B, corpus has {n_urls} / {nbytes}")
 
 
 class _Driver:
