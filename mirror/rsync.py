@@ -74,6 +74,21 @@ class Rsync:
         self.binary = binary
         self.timeout = timeout
         self.extra = list(extra)
+        self._fsync: bool | None = None
+
+    async def can_fsync(self) -> bool:
+        """Whether this rsync has ``--fsync`` (3.2.4 and later), asked once."""
+        if self._fsync is None:
+            try:
+                proc = await trio.run_process([self.binary, "--help"], capture_stdout=True, capture_stderr=True,
+                                              check=False)
+                self._fsync = b"--fsync" in proc.stdout
+            except OSError:
+                self._fsync = False
+            if not self._fsync:
+                log.warning("%s has no --fsync (rsync >= 3.2.4): received files are not flushed to disk "
+                            "before they are published, so a power cut may leave some empty", self.binary)
+        return self._fsync
 
     async def run(self, args: Sequence[str], *, what: str, source: str = "", ok: Iterable[int] = (0,)) -> Result:
         cmd = [self.binary, "--out-format=%i %n", "--stats", f"--timeout={self.timeout}"]
@@ -104,6 +119,11 @@ class Rsync:
             return Result()
         await trio.Path(listfile).write_text("".join(p + "\n" for p in paths))
         args = ["-t", EXACT_TIMES, f"--files-from={listfile}", f"--temp-dir={temp_dir}"]
+        if await self.can_fsync():
+            # Each file reaches the disk before rsync renames it into place,
+            # so a page published after it never links an empty file after a
+            # power cut.
+            args.append("--fsync")
         if always:
             args.append("--ignore-times")
         if ignore_missing:

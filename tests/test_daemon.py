@@ -366,6 +366,15 @@ def test_run_as_a_service(upstream: FakePyPI, tmp_path: Path) -> None:
             upstream.add_release("pkg-1", "2.0")
             wait_until(lambda: any("2.0" in f for f in page_files(web, "pkg-1")), 30, "release after a bad reload")
 
+            # A filter change by SIGHUP reaches the published pages with no
+            # upstream change: pkg-0 keeps only its newest release.
+            write_config(conf, upstream.url, m, mirror={"workers": 3}, filters={"latest": 1},
+                         daemon={"poll_interval": 1.5, "stop_timeout": 10}, metrics={"listen": "127.0.0.1:0"})
+            d.signal(signal.SIGHUP)
+            wait_until(lambda: not any("-1.0" in f for f in page_files(web, "pkg-0")), 30, "filter applied")
+            assert any("-2.0" in f for f in page_files(web, "pkg-0"))
+            assert any("-1.0" in f for f in page_files(web, "pkg-2"))  # its only release stays
+
             # The lock: a second instance on the same directory exits at once.
             other = write_config(tmp_path / "other.toml", upstream.url, m, **sections)  # type: ignore[arg-type]
             for cmd in ("run", "sync"):

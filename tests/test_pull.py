@@ -342,6 +342,36 @@ async def test_a_page_rewritten_in_the_same_second_at_the_same_size_is_copied(tm
     assert (dst / "simple/a/index.html").read_bytes() == b"new!"
 
 
+@pytest.mark.parametrize("has_fsync", [True, False])
+async def test_received_files_are_fsynced_when_rsync_can(
+    tmp_path: Path, has_fsync: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    real = shutil.which("rsync")
+    assert real is not None
+    calls = tmp_path / "calls"
+    help_text = "echo ' --fsync                  fsync every written file'" if has_fsync else "echo 'rsync  version 3.1.3'"
+    fake = tmp_path / "rsync"
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = "--help" ]; then {help_text}; exit 0; fi
+echo "$@" >> {calls}
+exec {real} "$@"
+""")
+    fake.chmod(0o755)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "packages/a").mkdir(parents=True)
+    (src / "packages/a/x.whl").write_bytes(b"wheel")
+    rsync = Rsync(str(fake))
+    for _ in range(2):
+        res = await rsync.fetch_list(f"{src}/", ["packages/a/x.whl"], dst, listfile=tmp_path / "list",
+                                     temp_dir=tmp_path, what="test", always=True)
+        assert res.received == ["packages/a/x.whl"]
+    assert (dst / "packages/a/x.whl").read_bytes() == b"wheel"
+    runs = calls.read_text().splitlines()
+    assert len(runs) == 2 and all(("--fsync" in r.split()) == has_fsync for r in runs)
+    # Asked once per Rsync, and an rsync without the option is named once.
+    assert caplog.text.count("has no --fsync") == (0 if has_fsync else 1)
+
+
 def test_a_local_disk_error_is_one_clear_line(
     upstream: FakePyPI, primary: Primary, tmp_path: Path, daemon: Callable[[Path], str],
     capsys: pytest.CaptureFixture[str],
