@@ -17,7 +17,7 @@ Nothing in this module does I/O; its tests are table-driven and synchronous.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 

@@ -52,7 +52,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 

@@ -526,7 +526,7 @@ async def test_one_path_with_two_hashes_never_overwrites_a_linked_file(
 def test_html_page_cut_short_is_malformed_not_empty(body: bytes) -> None:
     from mirror.errors import MalformedResponse
     from mirror.model import NormalizedName
-    from mirror.upstream import parse_project_html
+    from mirror.parse import parse_project_html
 
     with pytest.raises(MalformedResponse, match="cut short"):
         parse_project_html(body, name=NormalizedName("demo"), page_url="https://up.test/simple/demo/",

@@ -22,7 +22,8 @@ from mirror.errors import (
 )
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName
-from mirror.upstream import JSON_TYPE, Upstream
+from mirror.parse import JSON_TYPE
+from mirror.upstream import Upstream
 
 SHA = "0123456789abcdef" * 4
 CFG = UpstreamConfig(url="https://up.test", user_agent="t (a@b.c)", backoff=0.0, xmlrpc_interval=0)
