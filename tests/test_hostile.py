@@ -355,44 +355,43 @@ async def test_body_larger_than_declared_stops_at_size_plus_one(upstream: FakePy
     assert not (tmp_path / "m/web/packages/aa").exists()
 
 
-async def test_endless_sidecar_is_cut_at_the_page_cap(upstream: FakePyPI, tmp_path: Path) -> None:
-    content = b"a real file"
+@pytest.mark.parametrize("which", ["sidecar", "dist"])
+async def test_endless_body_of_unknown_size_is_cut_at_its_cap(upstream: FakePyPI, tmp_path: Path, which: str) -> None:
+    """A sidecar without a hash (so without a size) is cut at
+    ``max_page_bytes``; a distribution listed without a size (as on an
+    HTML-only upstream) at ``max_unknown_file_bytes``.  Files of the same
+    kind below the cap are kept."""
+    content = os.urandom(3000)
     with HostileServer() as hs:
-        hs.routes["/packages/aa/ok-1.0-py3-none-any.whl"] = ("bytes", content)
-        hs.routes["/packages/aa/ok-1.0-py3-none-any.whl.metadata"] = ("endless", None)
-        f = entry("ok-1.0-py3-none-any.whl", f"{hs.url}/packages/aa/ok-1.0-py3-none-any.whl",
-                  sha=hashlib.sha256(content).hexdigest(), size=len(content))
-        f["core-metadata"] = True  # no hash: the size is unknown too
-        _file_page(upstream, "ok", [f])
-        cfg = make_config(upstream.url, tmp_path / "m", upstream={"retries": 0, "max_page_bytes": 65536})
+        if which == "sidecar":
+            endless, failed = "/packages/aa/ok-1.0-py3-none-any.whl.metadata", "ok"
+            hs.routes["/packages/aa/ok-1.0-py3-none-any.whl"] = ("bytes", content)
+            f = entry("ok-1.0-py3-none-any.whl", f"{hs.url}/packages/aa/ok-1.0-py3-none-any.whl",
+                      sha=hashlib.sha256(content).hexdigest(), size=len(content))
+            f["core-metadata"] = True  # no hash: the size is unknown too
+            _file_page(upstream, "ok", [f])
+            caps = {"max_page_bytes": 65536}
+            kept = "packages/aa/ok-1.0-py3-none-any.whl"
+        else:
+            endless, failed = "/packages/aa/big-1.0.tar.gz", "big"
+            hs.routes["/packages/aa/small-1.0.tar.gz"] = ("bytes", content)
+            _file_page(upstream, "big", [entry("big-1.0.tar.gz", f"{hs.url}{endless}", size=None)])
+            _file_page(upstream, "small", [entry("small-1.0.tar.gz", f"{hs.url}/packages/aa/small-1.0.tar.gz",
+                                                 sha=hashlib.sha256(content).hexdigest(), size=None)])
+            caps = {"max_unknown_file_bytes": 1 << 20}
+            kept = "packages/aa/small-1.0.tar.gz"
+        hs.routes[endless] = ("endless", None)
+        cfg = make_config(upstream.url, tmp_path / "m", upstream={"retries": 0, **caps})
         m = Metrics()
         report = await sync(cfg, m)
-        sent = hs.sent["/packages/aa/ok-1.0-py3-none-any.whl.metadata"]
-    assert set(report.failed) == {"ok"} and "metadata: size_mismatch" in report.failed["ok"]
+        sent = hs.sent[endless]
+    assert set(report.failed) == {failed} and "size_mismatch" in report.failed[failed]
     assert download_errors(m, "size_mismatch") == 1
     assert sent < 64 << 20, sent
-    assert os.listdir(tmp_path / "m/state/tmp") == []
-
-
-async def test_endless_file_of_unknown_size_is_cut_at_its_cap(upstream: FakePyPI, tmp_path: Path) -> None:
-    """A distribution listed without a size (as on an HTML-only upstream)
-    is cut at ``max_unknown_file_bytes``; one below the cap is kept."""
-    small = os.urandom(3000)
-    with HostileServer() as hs:
-        hs.routes["/packages/aa/big-1.0.tar.gz"] = ("endless", None)
-        hs.routes["/packages/aa/small-1.0.tar.gz"] = ("bytes", small)
-        _file_page(upstream, "big", [entry("big-1.0.tar.gz", f"{hs.url}/packages/aa/big-1.0.tar.gz", size=None)])
-        _file_page(upstream, "small", [entry("small-1.0.tar.gz", f"{hs.url}/packages/aa/small-1.0.tar.gz",
-                                             sha=hashlib.sha256(small).hexdigest(), size=None)])
-        cfg = make_config(upstream.url, tmp_path / "m", upstream={"retries": 0, "max_unknown_file_bytes": 1 << 20})
-        m = Metrics()
-        report = await sync(cfg, m)
-        sent = hs.sent["/packages/aa/big-1.0.tar.gz"]
-    assert set(report.failed) == {"big"} and "size_mismatch" in report.failed["big"]
-    assert download_errors(m, "size_mismatch") == 1
-    assert sent < 64 << 20, sent
-    assert (tmp_path / "m/web/packages/aa/small-1.0.tar.gz").read_bytes() == small
-    assert not (tmp_path / "m/web/packages/aa/big-1.0.tar.gz").exists()
+    assert not (tmp_path / "m/web" / endless.lstrip("/")).exists()
+    if which == "dist":
+        # The sidecar's project fails whole, so only here is a file published.
+        assert (tmp_path / "m/web" / kept).read_bytes() == content
     assert os.listdir(tmp_path / "m/state/tmp") == []
 
 
