@@ -84,7 +84,9 @@ class Rsync:
                                               check=False)
                 self._fsync = b"--fsync" in proc.stdout
             except OSError:
+                # Not runnable: the transfer itself reports that clearly.
                 self._fsync = False
+                return False
             if not self._fsync:
                 log.warning("%s has no --fsync (rsync >= 3.2.4): received files are not flushed to disk "
                             "before they are published, so a power cut may leave some empty", self.binary)

@@ -65,6 +65,11 @@ class Tree:
         # web-relative directories checked to be plain directories ("" = web).
         # Shared by worker threads: set.add and membership are atomic.
         self._safe_dirs: set[str] = set()
+        # Directories holding an entry made by mkdir whose fsync was left to
+        # some caller's ``sync_dirs`` that may not have run yet.  Another
+        # project committing below such a directory must sync it too, or its
+        # page could be published before the path to its file is durable.
+        self._unsynced: set[Path] = set()
 
     def forget_dirs(self) -> None:
         """Check every directory again from now on (a cycle's start: an
@@ -107,26 +112,34 @@ class Tree:
         """Create the parents of ``rel`` under web/, refusing symlinks.
 
         A new directory's entry is made durable by fsyncing its parent, now,
-        or later by ``sync_dirs`` when the caller collects them in ``dirs``."""
+        or later by ``sync_dirs`` when the caller collects them in ``dirs``.
+        Parents that another caller created and has not synced yet are
+        synced (or collected) too: that caller's project may publish later
+        than this one."""
         safe = safe_relpath(rel)
         parent, _, _ = safe.rpartition("/")
-        if parent in self._safe_dirs:
-            return self.web / safe
-        parts = safe.split("/")
-        cur = self.web
-        for part in parts[:-1]:
-            cur = cur / part
-            try:
-                os.mkdir(cur)
-                if dirs is None:
-                    _fsync_dir(cur.parent)
-                else:
-                    dirs.add(cur.parent)
-            except FileExistsError:
-                if cur.is_symlink() or not cur.is_dir():
-                    raise UnsafePath(f"{cur} exists and is not a plain directory") from None
-        self._safe_dirs.add(parent)
-        return cur / parts[-1]
+        dest = self.web / safe
+        if parent not in self._safe_dirs:
+            cur = self.web
+            for part in safe.split("/")[:-1]:
+                cur = cur / part
+                try:
+                    os.mkdir(cur)
+                    if dirs is None:
+                        _fsync_dir(cur.parent)
+                    else:
+                        self._unsynced.add(cur.parent)
+                except FileExistsError:
+                    if cur.is_symlink() or not cur.is_dir():
+                        raise UnsafePath(f"{cur} exists and is not a plain directory") from None
+            self._safe_dirs.add(parent)
+        if self._unsynced:
+            pending = [d for d in dest.parents if d in self._unsynced]
+            if dirs is not None:
+                dirs.update(pending)
+            else:
+                self.sync_dirs(pending)
+        return dest
 
     def _replace(self, tmp: Path, rel: str, dirs: set[Path] | None) -> Path:
         """``os.replace`` into ``rel``, creating its parents."""
@@ -230,6 +243,7 @@ class Tree:
         try:
             for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
                 _fsync_dir(d)
+                self._unsynced.discard(d)
         except OSError as e:
             raise disk_error(e, "syncing directories") from None
 

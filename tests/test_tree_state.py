@@ -175,6 +175,22 @@ def test_read_and_path_refuse_unsafe_rel(tree: Tree, rel: str) -> None:
         tree.read(rel)
 
 
+def test_directories_another_project_created_are_synced_by_both(tree: Tree) -> None:
+    web = tree.web
+    first: set[Path] = set()
+    tree.commit_file(temp_with(tree, b"1"), "packages/aa/bb/one.whl", dirs=first)
+    assert first == {web, web / "packages", web / "packages/aa", web / "packages/aa/bb"}
+    # Project two commits below packages/aa before project one synced it:
+    # its page must not be published before that entry is durable either.
+    second: set[Path] = set()
+    tree.commit_file(temp_with(tree, b"2"), "packages/aa/cc/two.whl", dirs=second)
+    assert second == {web, web / "packages", web / "packages/aa", web / "packages/aa/cc"}
+    tree.sync_dirs(first)
+    third: set[Path] = set()
+    tree.commit_file(temp_with(tree, b"3"), "packages/aa/cc/three.whl", dirs=third)
+    assert third == {web / "packages/aa/cc"}  # the rest were synced by project one
+
+
 def test_remembered_directory_removed_by_hand_is_created_again(tree: Tree) -> None:
     tree.commit_file(temp_with(tree, b"1"), "packages/ab/cd/one.whl")
     shutil.rmtree(tree.web / "packages")  # behind the tree's back, mid-cycle
