@@ -60,7 +60,8 @@ def print_table(res: dict[str, Any]) -> None:
         print(f"\ninitial sync: {c['projects']} projects, {c['files']} files + {c['sidecars']} .metadata, "
               f"{_mb(c['bytes'])} (median file {c['median'] / 1000:.0f} KB, largest {_mb(c['largest'])}); "
               f"served by {s['server']}")
-        print(f"medians of {s['rounds']} interleaved round(s)")
+        print(f"medians of {s['rounds']} interleaved round(s); mirror sync with the default "
+              f"download_processes = {s.get('download_processes', 0)}")
         print(f"{'':12} {'wall s':>8} {'files/s':>9} {'MB/s':>8} {'CPU s':>8} {'peak RSS':>10}")
         for key, label in (("raw", "raw"), ("raw_disk", "raw+disk"), ("raw_disk_2", "raw+disk x2"),
                            ("mirror", "mirror sync")):

@@ -24,6 +24,7 @@ from bench import corpus
 from bench.driver import proc_status
 from bench.seed import seed_state, seeded_project
 from bench.upstream import Upstream
+from mirror.config import default_download_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1e6
@@ -53,9 +54,18 @@ def run_child(cmd: list[str]) -> dict[str, Any]:
     return run_children([cmd])
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def run_children(cmds: list[list[str]]) -> dict[str, Any]:
     """Run children side by side: wall until the last exits, summed CPU and
-    peak RSS, the worst exit code, their outputs joined."""
+    peak RSS (each process's peak, including the children's own children),
+    the worst exit code, their outputs joined."""
     t0 = time.perf_counter()
     outs = [tempfile.TemporaryFile() for _ in cmds]
     try:
@@ -73,7 +83,9 @@ def run_children(cmds: list[list[str]]) -> dict[str, Any]:
                     sys_ += ru.ru_stime
                     rc = max(rc, abs(os.waitstatus_to_exitcode(status)))
                 else:
-                    peak[pid] = max(peak[pid], proc_status("VmHWM", pid))
+                    # The child and its own children (download helpers).
+                    for q in (pid, *_children(pid)):
+                        peak[q] = max(peak.get(q, 0), proc_status("VmHWM", q))
             if running:
                 time.sleep(0.02)
         wall = time.perf_counter() - t0
@@ -115,7 +127,8 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
     gen = time.perf_counter() - t0
     manifest = root / "manifest.json"
     n_urls = stats.files + stats.sidecars
-    out: dict[str, Any] = {"corpus": {**stats.__dict__, "urls": n_urls, "generate_s": gen}, "rounds": rounds}
+    out: dict[str, Any] = {"corpus": {**stats.__dict__, "urls": n_urls, "generate_s": gen}, "rounds": rounds,
+                           "download_processes": default_download_processes()}
     runs: dict[str, list[dict[str, Any]]] = {"raw": [], "raw_disk": [], "raw_disk_2": [], "mirror": []}
     with Upstream(root, work / "run-sync") as up:
         out["server"] = up.server

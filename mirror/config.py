@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
 import tomllib
@@ -45,10 +46,19 @@ class UpstreamConfig:
     max_unknown_file_bytes: int = 10 * 1024**3
 
 
+def default_download_processes() -> int:
+    """One less than the CPUs this process may use, at most 4: the main
+    process keeps a core for pages and state."""
+    return max(0, min(4, len(os.sched_getaffinity(0)) - 1))
+
+
 @dataclass(frozen=True)
 class MirrorConfig:
     directory: Path = Path("mirror-data")
     workers: int = 16
+    # Helper processes that download files in cycles with many projects to
+    # sync (a first sync); 0 downloads everything in the main process.
+    download_processes: int = field(default_factory=lambda: default_download_processes())
     json_api: bool = False
     name: str = field(default_factory=socket.gethostname)
     retire_after: float = 86400.0
@@ -122,12 +132,14 @@ class _Section:
     def boolean(self, k: str, default: bool) -> bool:
         return default if k not in self.raw else bool(self._get(k, (bool,), "true or false"))
 
-    def integer(self, k: str, default: int, *, minimum: int = 0) -> int:
+    def integer(self, k: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
         if k not in self.raw:
             return default
         v = int(self._get(k, (int,), "an integer"))
         if v < minimum:
             raise ConfigError(f"{self.source}: {self.key(k)}: must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise ConfigError(f"{self.source}: {self.key(k)}: must be <= {maximum}, got {v}")
         return v
 
     def number(self, k: str, default: float, *, minimum: float = 0.0) -> float:
@@ -199,6 +211,7 @@ def _mirror(s: _Section, base: Path) -> MirrorConfig:
     cfg = MirrorConfig(
         directory=(base / directory).resolve(),
         workers=s.integer("workers", d.workers, minimum=1),
+        download_processes=s.integer("download_processes", d.download_processes, minimum=0, maximum=64),
         json_api=s.boolean("json_api", d.json_api),
         name=name,
         retire_after=s.duration("retire_after", d.retire_after),

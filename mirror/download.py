@@ -27,6 +27,7 @@ import trio
 
 from mirror.config import UpstreamConfig
 from mirror.errors import DownloadError, HashMismatch, SizeMismatch
+from mirror.fetchpool import FetchPool, NoWorker
 from mirror.metrics import Metrics
 from mirror.tree import Tree, disk_error
 
@@ -113,6 +114,8 @@ class Downloader:
         self.limiter = limiter
         self.rng = rng or random.Random()
         self.sleep = sleep
+        # Set for a large cycle: attempts then run in helper processes.
+        self.pool: FetchPool | None = None
 
     async def fetch(
         self, url: str, *, sha256: str | None, size: int | None, limit: int | None = None,
@@ -133,7 +136,10 @@ class Downloader:
                 await self.sleep(step * (0.5 + self.rng.random()))
             try:
                 async with self.limiter:
-                    return await self._attempt(url, sha256=sha256, size=size, limit=limit, commit=commit)
+                    v = await self._attempt(url, sha256=sha256, size=size, limit=limit, commit=commit)
+                self.metrics.files_downloaded.inc()
+                self.metrics.bytes_downloaded.inc(v.size)
+                return v
             except DownloadError as e:
                 self.metrics.download_errors.labels(e.reason).inc()
                 log.debug("download %s failed (attempt %d): %s", url, attempt + 1, e)
@@ -147,6 +153,15 @@ class Downloader:
         self, url: str, *, sha256: str | None, size: int | None, limit: int | None,
         commit: Callable[[Path], None] | None,
     ) -> Verified:
+        if self.pool is not None:
+            try:
+                tmp, n, digest = await self.pool.attempt(url, sha256=sha256, size=size, limit=limit)
+            except NoWorker:
+                pass  # no helper left: download here
+            else:
+                if commit is not None:
+                    await trio.to_thread.run_sync(commit, tmp)
+                return Verified(tmp, n, digest)
         tmp = self.tree.new_temp()
         sink = _Sink(tmp)
         ok = False
@@ -213,6 +228,4 @@ class Downloader:
         if sha256 is not None and digest != sha256:
             raise HashMismatch(url, sha256, digest)
         await sink.finish(commit)
-        self.metrics.files_downloaded.inc()
-        self.metrics.bytes_downloaded.inc(n)
         return Verified(sink.path, n, digest)

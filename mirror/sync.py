@@ -52,7 +52,8 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Concatenate, ParamSpec
@@ -73,6 +74,7 @@ from mirror.errors import (
     UpstreamError,
 )
 from mirror.feed import Feed
+from mirror.fetchpool import FetchPool
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName, ProjectSnapshot, Serial
 from mirror.state import State
@@ -81,6 +83,10 @@ from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
+
+# Projects to sync from which a cycle downloads in helper processes (when
+# ``download_processes`` asks for them).
+POOL_MIN_PROJECTS = 200
 
 # SQLite primary result codes that mean the disk, not the data, is at fault.
 _SQLITE_DISK_CODES = {
@@ -180,6 +186,9 @@ class _Held:
 
 
 class Syncer:
+    # A cycle with fewer projects to sync downloads in-process.
+    pool_min_projects = POOL_MIN_PROJECTS
+
     def __init__(
         self,
         cfg: Config,
@@ -208,6 +217,22 @@ class Syncer:
         self.held: list[_Held] = []
 
     # -- projects -------------------------------------------------------------
+    @asynccontextmanager
+    async def _download_processes(self) -> AsyncIterator[None]:
+        """Helper processes for the downloads of a large cycle.  Starting
+        them costs a few hundred ms of CPU, more than a usual cycle needs."""
+        n = self.cfg.mirror.download_processes
+        if n == 0 or self.state.todo_count() < self.pool_min_projects:
+            yield
+            return
+        async with FetchPool.open(self.cfg.upstream, self.cfg.mirror.directory, processes=n) as pool:
+            log.info("downloading in %d helper process(es)", n)
+            self.downloader.pool = pool
+            try:
+                yield
+            finally:
+                self.downloader.pool = None
+
     async def sync_projects(self, report: CycleReport) -> None:
         self.held = []
         total = self.state.todo_count()
@@ -520,7 +545,8 @@ class Syncer:
             report.upstream_serial = await self.feed.read()
         root_error: DiskError | None = None
         try:
-            await self.sync_projects(report)
+            async with self._download_processes():
+                await self.sync_projects(report)
         finally:
             # Even when a disk error aborts the cycle, projects published so
             # far are listed in the root once the disk allows it.

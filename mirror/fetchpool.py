@@ -1,0 +1,286 @@
+"""Download processes: file downloads spread over more than one CPU.
+
+A first sync is bound by the CPU of the one Python thread that runs the HTTP
+client, the hashing and the event loop, while the second core waits.  With
+``[mirror] download_processes = N`` a large cycle starts N helper processes
+(``python -m mirror.fetchpool``), each with its own trio loop and pooled
+client.  A helper does exactly what ``Downloader`` does in-process for one
+attempt: stream into a temp file under ``state/tmp``, check size and sha256,
+fsync, and answer with the verified temp file.  It never touches ``web/``:
+the parent commits (renames) the file, so every decision about final paths,
+the publish order and the state stays in one process.
+
+Protocol: length-prefixed pickle frames on the helper's stdin/stdout (both
+ends are this module).  The first frame is the upstream config.  Then
+``("get", id, url, sha256, size, limit)`` and ``("cancel", id)`` go in;
+``("ok", id, tmp, size, sha256)``, ``("error", id, reason, detail)`` and
+``("disk", id, message)`` come out.  A helper exits when its stdin closes,
+which is also what happens when the parent is killed; it ignores SIGINT
+and SIGTERM so that a stop signal sent to the whole process group lets the
+parent finish its in-flight work as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mirror.config import UpstreamConfig
+from mirror.errors import DiskError, DownloadError
+
+log = logging.getLogger(__name__)
+
+HEADER = 4
+# How long a closing pool waits for its helpers to exit before killing them.
+EXIT_GRACE = 5.0
+
+
+class NoWorker(Exception):
+    """No helper process is running; the caller downloads in-process."""
+
+
+async def send_frame(stream: trio.abc.SendStream, lock: trio.Lock, obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    async with lock:
+        await stream.send_all(len(data).to_bytes(HEADER, "big") + data)
+
+
+class FrameReader:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def _fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            chunk = await self.stream.receive_some(1 << 16)
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    async def next(self) -> Any:
+        """The next frame, or ``None`` at end of stream."""
+        if not await self._fill(HEADER):
+            return None
+        n = int.from_bytes(self.buf[:HEADER], "big")
+        if not await self._fill(HEADER + n):
+            return None
+        data = bytes(self.buf[HEADER:HEADER + n])
+        del self.buf[:HEADER + n]
+        return pickle.loads(data)
+
+
+@dataclass
+class _Pending:
+    url: str
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Helper:
+    proc: trio.Process
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    alive: bool = True
+
+
+class FetchPool:
+    """Parent side: hands single download attempts to helper processes."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.helpers: list[_Helper] = []
+        self._ids = itertools.count()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, cfg: UpstreamConfig, directory: Path, *, processes: int) -> AsyncIterator[FetchPool]:
+        pool = cls(directory / "state" / "tmp")
+        async with trio.open_nursery() as nursery:
+            try:
+                for _ in range(processes):
+                    try:
+                        await pool._spawn(nursery, cfg, directory)
+                    except (OSError, trio.BrokenResourceError) as e:
+                        # e.g. a process limit: fewer helpers, or none and
+                        # every download in-process.
+                        log.warning("could not start a download process: %s", e)
+                        break
+                yield pool
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pool._close()
+                nursery.cancel_scope.cancel()
+
+    async def _spawn(self, nursery: trio.Nursery, cfg: UpstreamConfig, directory: Path) -> None:
+        proc = await trio.lowlevel.open_process(
+            # -P: never import a `mirror` that happens to be in the cwd.
+            [sys.executable, "-P", "-m", "mirror.fetchpool"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        h = _Helper(proc)
+        assert proc.stdin is not None and proc.stdout is not None
+        self.helpers.append(h)
+        await send_frame(proc.stdin, h.lock, (cfg, directory, logging.getLogger().level))
+        nursery.start_soon(self._read, h)
+
+    async def _read(self, h: _Helper) -> None:
+        assert h.proc.stdout is not None
+        reader = FrameReader(h.proc.stdout)
+        while True:
+            try:
+                frame = await reader.next()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, pickle.UnpicklingError, EOFError):
+                frame = None
+            if frame is None:
+                break
+            kind, rid = frame[0], frame[1]
+            p = h.pending.pop(rid, None)
+            if p is None:
+                # Answered after the caller gave up (cancelled): nobody will
+                # commit this temp.
+                if kind == "ok":
+                    Path(frame[2]).unlink(missing_ok=True)
+                continue
+            if kind == "ok":
+                p.result = frame[2:]
+            elif kind == "error":
+                p.error = DownloadError(p.url, frame[2], frame[3])
+            elif kind == "disk":
+                p.error = DiskError(frame[2])
+            else:
+                p.error = RuntimeError(f"download process: {frame[2]}")
+            p.done.set()
+        h.alive = False
+        if h.pending:
+            log.error("a download process exited with %d download(s) in flight (pid %d)", len(h.pending), h.proc.pid)
+        for p in h.pending.values():
+            p.error = NoWorker()
+            p.done.set()
+        h.pending.clear()
+
+    async def attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> tuple[Path, int, str]:
+        """One attempt in the least busy helper: ``(temp, size, sha256)`` of
+        a verified, fsynced temp file.  Raises what ``Downloader._attempt``
+        raises, or ``NoWorker``."""
+        live = [h for h in self.helpers if h.alive]
+        if not live:
+            raise NoWorker()
+        h = min(live, key=lambda x: len(x.pending))
+        rid = next(self._ids)
+        p = h.pending[rid] = _Pending(url)
+        assert h.proc.stdin is not None
+        try:
+            await send_frame(h.proc.stdin, h.lock, ("get", rid, url, sha256, size, limit))
+            await p.done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            h.pending.pop(rid, None)
+            raise NoWorker() from None
+        except BaseException:
+            if h.pending.pop(rid, None) is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await send_frame(h.proc.stdin, h.lock, ("cancel", rid))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+            elif p.result is not None:
+                Path(p.result[0]).unlink(missing_ok=True)
+            raise
+        if p.error is not None:
+            raise p.error
+        tmp, n, digest = p.result
+        return Path(tmp), n, digest
+
+    async def _close(self) -> None:
+        for h in self.helpers:
+            assert h.proc.stdin is not None
+            try:
+                await h.proc.stdin.aclose()
+            except trio.BrokenResourceError:
+                pass
+        for h in self.helpers:
+            with trio.move_on_after(EXIT_GRACE):
+                await h.proc.wait()
+            if h.proc.returncode is None:
+                log.warning("download process %d did not exit; killing it", h.proc.pid)
+                h.proc.kill()
+                await h.proc.wait()
+
+
+# -- helper process ---------------------------------------------------------------
+
+async def _serve() -> None:
+    from mirror import __version__
+    from mirror.download import Downloader
+    from mirror.metrics import Metrics
+    from mirror.tree import Tree
+    from mirror.upstream import open_client
+
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    stdout = trio.lowlevel.FdStream(os.dup(1))
+    out_lock = trio.Lock()
+    reader = FrameReader(stdin)
+    first = await reader.next()
+    if first is None:
+        return
+    cfg, directory, level = first
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    scopes: dict[int, trio.CancelScope] = {}
+    async with open_client(cfg, workers=64, version=__version__) as client:
+        dl = Downloader(client, Tree(directory), cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(1 << 20))
+
+        async def one(rid: int, url: str, sha256: str | None, size: int | None, limit: int | None) -> None:
+            reply: tuple[object, ...] | None = None
+            with trio.CancelScope() as scope:
+                scopes[rid] = scope
+                try:
+                    v = await dl._attempt(url, sha256=sha256, size=size, limit=limit, commit=None)
+                    reply = ("ok", rid, str(v.tmp), v.size, v.sha256)
+                except DownloadError as e:
+                    reply = ("error", rid, e.reason, e.detail)
+                except DiskError as e:
+                    reply = ("disk", rid, str(e))
+                except Exception as e:  # a bug: reported, not a dead helper
+                    log.exception("download of %s failed", url)
+                    reply = ("bug", rid, f"{type(e).__name__}: {e}")
+            scopes.pop(rid, None)
+            if reply is not None:
+                try:
+                    await send_frame(stdout, out_lock, reply)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if reply[0] == "ok":
+                        Path(str(reply[2])).unlink(missing_ok=True)
+
+        async with trio.open_nursery() as nursery:
+            while (frame := await reader.next()) is not None:
+                if frame[0] == "get":
+                    nursery.start_soon(one, *frame[1:])
+                elif frame[0] == "cancel" and frame[1] in scopes:
+                    scopes[frame[1]].cancel()
+            # stdin closed: the parent is done with us, or gone.
+            nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    trio.run(_serve)
+
+
+if __name__ == "__main__":
+    main()

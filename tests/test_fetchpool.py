@@ -1,0 +1,218 @@
+"""Download helper processes (``[mirror] download_processes``).
+
+A helper does one attempt exactly as the in-process downloader would, and
+never writes anything but temp files; the parent commits.  These tests run
+real helper processes against the loopback fake upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from mirror import cli
+from mirror.config import UpstreamConfig, default_download_processes
+from mirror.download import Downloader
+from mirror.errors import DownloadError
+from mirror.fetchpool import FetchPool, NoWorker
+from mirror.metrics import Metrics
+from mirror.sync import POOL_MIN_PROJECTS, Syncer
+from mirror.tree import Tree
+from mirror.upstream import open_client
+from tests.e2e import make_config, write_config
+from tests.fakepypi import FakePyPI, populate
+from tests.reliability import foreign_files, mirror_problems, upstream_files
+
+
+def _upcfg(url: str, **kw: object) -> UpstreamConfig:
+    return UpstreamConfig(url=url, allow_http=True, user_agent="mirror-tests (tests@example.org)", **kw)  # type: ignore[arg-type]
+
+
+def _one_file(up: FakePyPI) -> tuple[str, bytes]:
+    up.add_release("alpha", "1.0")
+    [(rel, data)] = [(r, b) for r, b in upstream_files(up).items() if r.endswith(".whl")][:1]
+    return f"{up.url}/{rel}", data
+
+
+def _temps(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory / "state" / "tmp"))
+
+
+async def test_a_helper_returns_a_verified_fsynced_temp(tmp_path: Path) -> None:
+    tree = Tree(tmp_path)
+    tree.prepare()
+    with FakePyPI(seed=1) as up:
+        url, data = _one_file(up)
+        sha = hashlib.sha256(data).hexdigest()
+        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=2) as pool:
+            tmp, n, digest = await pool.attempt(url, sha256=sha, size=len(data), limit=None)
+            assert (n, digest) == (len(data), sha)
+            assert tmp.parent == tree.tmp and tmp.read_bytes() == data
+            tmp.unlink()
+            # A wrong promise is the same error the in-process path raises,
+            # and leaves no temp behind.
+            with pytest.raises(DownloadError) as e:
+                await pool.attempt(url, sha256="0" * 64, size=len(data), limit=None)
+            assert e.value.reason == "hash_mismatch"
+            with pytest.raises(DownloadError) as e:
+                await pool.attempt(url, sha256=sha, size=len(data) - 1, limit=None)
+            assert e.value.reason == "size_mismatch"
+            with pytest.raises(DownloadError) as e:
+                await pool.attempt(f"{up.url}/packages/no/such.whl", sha256=sha, size=1, limit=None)
+            assert (e.value.reason, e.value.detail) == ("http_status", "HTTP 404")
+            pids = [h.proc.pid for h in pool.helpers]
+        assert _temps(tmp_path) == []
+        # Closing the pool ends every helper.
+        assert all(h.proc.returncode == 0 for h in pool.helpers), [h.proc.returncode for h in pool.helpers]
+        assert len(set(pids)) == 2
+
+
+async def test_a_cancelled_attempt_leaves_no_temp(tmp_path: Path) -> None:
+    Tree(tmp_path).prepare()
+    with FakePyPI(seed=1) as up:
+        url, data = _one_file(up)
+        up.add_fault("slow", match="/packages/", delay=2.0)
+        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1) as pool:
+            with trio.move_on_after(0.5) as scope:
+                await pool.attempt(url, sha256=hashlib.sha256(data).hexdigest(), size=len(data), limit=None)
+            assert scope.cancelled_caught
+            # The helper dropped that download and still serves the next one.
+            up.clear_faults()
+            tmp, n, _ = await pool.attempt(url, sha256=hashlib.sha256(data).hexdigest(), size=len(data), limit=None)
+            tmp.unlink()
+        assert _temps(tmp_path) == []
+
+
+async def test_a_dead_helper_means_downloading_in_process(tmp_path: Path) -> None:
+    tree = Tree(tmp_path)
+    tree.prepare()
+    with FakePyPI(seed=1) as up:
+        url, data = _one_file(up)
+        sha = hashlib.sha256(data).hexdigest()
+        up.add_fault("slow", match="/packages/", delay=1.0)
+        cfg = _upcfg(up.url, retries=0)
+        async with FetchPool.open(cfg, tmp_path, processes=1) as pool, open_client(cfg, workers=2, version="t") as client:
+            dl = Downloader(client, tree, cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(2))
+            dl.pool = pool
+            async with trio.open_nursery() as nursery:
+
+                async def kill_soon() -> None:
+                    await trio.sleep(0.3)
+                    pool.helpers[0].proc.send_signal(signal.SIGKILL)
+
+                nursery.start_soon(kill_soon)
+                # In flight in the helper when it dies: done again in-process.
+                v = await dl.fetch(url, sha256=sha, size=len(data))
+            assert v.tmp.read_bytes() == data
+            v.tmp.unlink()
+            assert not pool.helpers[0].alive
+            with pytest.raises(NoWorker):
+                await pool.attempt(url, sha256=sha, size=len(data), limit=None)
+        assert _temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["status", "truncate", "corrupt", "reset"])
+async def test_faults_through_helpers_end_in_a_complete_mirror(kind: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Syncer, "pool_min_projects", 1)
+    served = 0
+    attempt = FetchPool.attempt
+
+    async def counted(self: FetchPool, *a: object, **kw: object) -> tuple[Path, int, str]:
+        nonlocal served
+        result = await attempt(self, *a, **kw)  # type: ignore[arg-type]
+        served += 1
+        return result
+
+    monkeypatch.setattr(FetchPool, "attempt", counted)
+    with FakePyPI(seed=3) as up:
+        populate(up, 8, seed=3)
+        expected = upstream_files(up)
+        up.add_fault(kind, match="/packages/", rate=0.5, **({"status": 503} if kind == "status" else {}))
+        cfg = make_config(up.url, tmp_path / "m", upstream={"retries": 3},
+                          mirror={"workers": 4, "download_processes": 2})
+        metrics = Metrics()
+        web = cfg.mirror.directory / "web"
+        downloaded = 0
+        for _ in range(8):
+            report = await cli.run_sync(cfg, metrics=metrics)
+            downloaded += report.files_downloaded
+            assert foreign_files(web, expected) == []
+            if not report.failed:
+                break
+        assert not report.failed
+        assert sum(f.fired for f in up._faults) >= 3
+        assert mirror_problems(web, up) == []
+        assert _temps(cfg.mirror.directory) == []
+        reason = {"status": "http_status", "truncate": "truncated", "corrupt": "hash_mismatch", "reset": "connection"}[kind]
+        # Errors seen in the helpers are counted by the parent.
+        assert (metrics.registry.get_sample_value("mirror_download_errors_total", {"reason": reason}) or 0) > 0
+        assert metrics.registry.get_sample_value("mirror_files_downloaded_total") == downloaded > 0
+        assert served == downloaded  # every file came through a helper
+
+
+def test_default_leaves_one_cpu_to_the_main_process() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert default_download_processes() == max(0, min(4, cpus - 1))
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_parent_ends_its_helpers_and_loses_nothing(tmp_path: Path) -> None:
+    with FakePyPI(seed=5) as up:
+        populate(up, POOL_MIN_PROJECTS + 20, seed=5)
+        expected = upstream_files(up)
+        up.add_fault("slow", match="/packages/", delay=0.05)
+        directory = tmp_path / "m"
+        conf = write_config(tmp_path / "mirror.toml", up.url, directory,
+                            mirror={"workers": 8, "download_processes": 2})
+        cmd = [sys.executable, "-m", "mirror", "--log-level", "info", "sync", "--config", str(conf)]
+        log = open(tmp_path / "run.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=Path(__file__).parent.parent)
+        try:
+            deadline = time.monotonic() + 60
+            # Wait until helpers run and files are on their way.
+            while time.monotonic() < deadline and not (
+                len(_children(proc.pid)) == 2 and sum(1 for r in up.requests if r[1].startswith("/packages/")) > 20
+            ):
+                assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
+                time.sleep(0.02)
+            helpers = _children(proc.pid)
+            assert len(helpers) == 2
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            deadline = time.monotonic() + 10
+            while any(_alive(h) for h in helpers) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not any(_alive(h) for h in helpers), "helpers outlived their parent"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        assert foreign_files(directory / "web", expected) == []
+        up.clear_faults()
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
+        assert final.returncode == 0, final.stderr[-3000:]
+        assert "helper process" in final.stderr
+        assert mirror_problems(directory / "web", up) == []
+        assert _temps(directory) == []
