@@ -62,11 +62,12 @@ def print_table(res: dict[str, Any]) -> None:
               f"served by {s['server']}")
         print(f"medians of {s['rounds']} interleaved round(s); mirror sync with the default "
               f"download_processes = {s.get('download_processes', 0)}")
-        print(f"{'':12} {'wall s':>8} {'files/s':>9} {'MB/s':>8} {'CPU s':>8} {'peak RSS':>10}")
+        print(f"{'':12} {'wall s':>8} {'files/s':>9} {'MB/s':>8} {'CPU s':>8} {'peak RSS':>10} {'host CPU':>9}")
         for key, label in (("raw", "raw"), ("raw_disk", "raw+disk"), ("raw_disk_2", "raw+disk x2"),
                            ("mirror", "mirror sync")):
             m = s[key]
-            print(f"{label:12} {m['wall']:8.2f} {m['files_per_s']:9.0f} {m['mb_per_s']:8.1f} {m['cpu']:8.2f} {_mb(m['peak_rss']):>10}")
+            print(f"{label:12} {m['wall']:8.2f} {m['files_per_s']:9.0f} {m['mb_per_s']:8.1f} {m['cpu']:8.2f} "
+                  f"{_mb(m['peak_rss']):>10} {m.get('host_busy', 0) * 100:8.0f}%")
         for n, x in enumerate(s["ratios"], 1):
             print(f"round {n}: mirror/raw {x['mirror/raw']:.2f}x, mirror/raw+disk {x['mirror/raw+disk']:.2f}x, "
                   f"raw+disk/raw {x['raw+disk/raw']:.2f}x, raw+disk x2/raw {x['raw+disk x2/raw']:.2f}x")

@@ -54,6 +54,14 @@ def run_child(cmd: list[str]) -> dict[str, Any]:
     return run_children([cmd])
 
 
+def host_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -67,6 +75,7 @@ def run_children(cmds: list[list[str]]) -> dict[str, Any]:
     peak RSS (each process's peak, including the children's own children),
     the worst exit code, their outputs joined."""
     t0 = time.perf_counter()
+    busy0, total0 = host_cpu()
     outs = [tempfile.TemporaryFile() for _ in cmds]
     try:
         procs = [subprocess.Popen(c, cwd=ROOT, stdout=o, stderr=subprocess.DEVNULL) for c, o in zip(cmds, outs)]
@@ -89,6 +98,7 @@ def run_children(cmds: list[list[str]]) -> dict[str, Any]:
             if running:
                 time.sleep(0.02)
         wall = time.perf_counter() - t0
+        busy1, total1 = host_cpu()
         text = ""
         for o in outs:
             o.seek(0)
@@ -97,7 +107,10 @@ def run_children(cmds: list[list[str]]) -> dict[str, Any]:
         for o in outs:
             o.close()
     return {"wall": wall, "cpu": user + sys_, "user": user, "sys": sys_,
-            "peak_rss": sum(peak.values()), "rc": rc, "stdout": text}
+            "peak_rss": sum(peak.values()), "rc": rc, "stdout": text,
+            # Share of all CPUs busy during the run (every process, the
+            # server included): near 1.0, the run was bound by CPU.
+            "host_busy": (busy1 - busy0) / max(1, total1 - total0)}
 
 
 def _rates(r: dict[str, Any], files: int, nbytes: int) -> dict[str, Any]:

@@ -127,9 +127,12 @@ class FetchPool:
                 nursery.cancel_scope.cancel()
 
     async def _spawn(self, nursery: trio.Nursery, cfg: UpstreamConfig, directory: Path) -> None:
+        # The helper imports this very package (a source checkout or another
+        # install must not answer instead), and never one in the cwd (-P).
+        here = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
         proc = await trio.lowlevel.open_process(
-            # -P: never import a `mirror` that happens to be in the cwd.
-            [sys.executable, "-P", "-m", "mirror.fetchpool"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-P", "-m", "mirror.fetchpool"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         h = _Helper(proc)
         assert proc.stdin is not None and proc.stdout is not None
@@ -147,23 +150,11 @@ class FetchPool:
                 frame = None
             if frame is None:
                 break
-            kind, rid = frame[0], frame[1]
-            p = h.pending.pop(rid, None)
-            if p is None:
-                # Answered after the caller gave up (cancelled): nobody will
-                # commit this temp.
-                if kind == "ok":
-                    Path(frame[2]).unlink(missing_ok=True)
-                continue
-            if kind == "ok":
-                p.result = frame[2:]
-            elif kind == "error":
-                p.error = DownloadError(p.url, frame[2], frame[3])
-            elif kind == "disk":
-                p.error = DiskError(frame[2])
-            else:
-                p.error = RuntimeError(f"download process: {frame[2]}")
-            p.done.set()
+            try:
+                self._answer(h, frame)
+            except (TypeError, ValueError, IndexError, AssertionError, OSError) as e:
+                log.error("download process %d answered %r (%s); not using it", h.proc.pid, frame, e)
+                break
         h.alive = False
         if h.pending:
             log.error("a download process exited with %d download(s) in flight (pid %d)", len(h.pending), h.proc.pid)
@@ -171,6 +162,36 @@ class FetchPool:
             p.error = NoWorker()
             p.done.set()
         h.pending.clear()
+
+    def _answer(self, h: _Helper, frame: tuple[Any, ...]) -> None:
+        kind, rid = frame[0], frame[1]
+        p = h.pending.pop(rid, None)
+        if p is None:
+            # Answered after the caller gave up (cancelled): nobody will
+            # commit this temp.
+            if kind == "ok":
+                self._drop(frame[2])
+            return
+        if kind == "ok":
+            tmp, n, digest = frame[2:]
+            p.result = (self._drop(tmp, keep=True), int(n), str(digest))
+        elif kind == "error":
+            p.error = DownloadError(p.url, frame[2], frame[3])
+        elif kind == "disk":
+            p.error = DiskError(frame[2])
+        else:
+            p.error = RuntimeError(f"download process: {frame[2]}")
+        p.done.set()
+
+    def _drop(self, tmp: object, *, keep: bool = False) -> Path:
+        """A temp path a helper named, checked to be one of ours; unlinked
+        unless ``keep``."""
+        path = Path(str(tmp))
+        if path.parent != self.tmp or not path.name.endswith(".part"):
+            raise ValueError(f"not a temp file: {path}")
+        if not keep:
+            path.unlink(missing_ok=True)
+        return path
 
     async def attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> tuple[Path, int, str]:
         """One attempt in the least busy helper: ``(temp, size, sha256)`` of
@@ -197,12 +218,12 @@ class FetchPool:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
             elif p.result is not None:
-                Path(p.result[0]).unlink(missing_ok=True)
+                p.result[0].unlink(missing_ok=True)
             raise
         if p.error is not None:
             raise p.error
-        tmp, n, digest = p.result
-        return Path(tmp), n, digest
+        result: tuple[Path, int, str] = p.result
+        return result
 
     async def _close(self) -> None:
         for h in self.helpers:

@@ -216,3 +216,15 @@ def test_kill_9_of_the_parent_ends_its_helpers_and_loses_nothing(tmp_path: Path)
         assert "helper process" in final.stderr
         assert mirror_problems(directory / "web", up) == []
         assert _temps(directory) == []
+
+
+async def test_a_temp_path_outside_state_tmp_is_never_taken_from_a_helper(tmp_path: Path) -> None:
+    Tree(tmp_path).prepare()
+    victim = tmp_path / "keep.part"
+    victim.write_bytes(b"x")
+    with FakePyPI(seed=1) as up:
+        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1) as pool:
+            for frame in [("ok", 10**9, str(victim), 1, "0" * 64), ("ok", 10**9, "/etc/passwd", 1, "0" * 64)]:
+                with pytest.raises(ValueError):
+                    pool._answer(pool.helpers[0], frame)
+    assert victim.read_bytes() == b"x"
