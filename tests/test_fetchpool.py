@@ -36,10 +36,17 @@ def _upcfg(url: str, **kw: object) -> UpstreamConfig:
     return UpstreamConfig(url=url, allow_http=True, user_agent="mirror-tests (tests@example.org)", **kw)  # type: ignore[arg-type]
 
 
-def _one_file(up: FakePyPI) -> tuple[str, bytes]:
+def _one_file(up: FakePyPI) -> tuple[str, bytes, str]:
+    """URL, bytes and sha256 of a new wheel upstream."""
     up.add_release("alpha", "1.0")
     [(rel, data)] = [(r, b) for r, b in upstream_files(up).items() if r.endswith(".whl")][:1]
-    return f"{up.url}/{rel}", data
+    return f"{up.url}/{rel}", data, hashlib.sha256(data).hexdigest()
+
+
+def _tree(directory: Path) -> Tree:
+    tree = Tree(directory)
+    tree.prepare()
+    return tree
 
 
 def _temps(directory: Path) -> list[str]:
@@ -47,11 +54,9 @@ def _temps(directory: Path) -> list[str]:
 
 
 async def test_a_helper_returns_a_verified_fsynced_temp(tmp_path: Path) -> None:
-    tree = Tree(tmp_path)
-    tree.prepare()
+    tree = _tree(tmp_path)
     with FakePyPI(seed=1) as up:
-        url, data = _one_file(up)
-        sha = hashlib.sha256(data).hexdigest()
+        url, data, sha = _one_file(up)
         async with FetchPool.open(_upcfg(up.url), tmp_path, processes=2) as pool:
             tmp, n, digest = await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             assert (n, digest) == (len(data), sha)
@@ -76,27 +81,25 @@ async def test_a_helper_returns_a_verified_fsynced_temp(tmp_path: Path) -> None:
 
 
 async def test_a_cancelled_attempt_leaves_no_temp(tmp_path: Path) -> None:
-    Tree(tmp_path).prepare()
+    _tree(tmp_path)
     with FakePyPI(seed=1) as up:
-        url, data = _one_file(up)
+        url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=2.0)
         async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1) as pool:
             with trio.move_on_after(0.5) as scope:
-                await pool.attempt(url, sha256=hashlib.sha256(data).hexdigest(), size=len(data), limit=None)
+                await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             assert scope.cancelled_caught
             # The helper dropped that download and still serves the next one.
             up.clear_faults()
-            tmp, n, _ = await pool.attempt(url, sha256=hashlib.sha256(data).hexdigest(), size=len(data), limit=None)
+            tmp, n, _ = await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             tmp.unlink()
         assert _temps(tmp_path) == []
 
 
 async def test_a_dead_helper_means_downloading_in_process(tmp_path: Path) -> None:
-    tree = Tree(tmp_path)
-    tree.prepare()
+    tree = _tree(tmp_path)
     with FakePyPI(seed=1) as up:
-        url, data = _one_file(up)
-        sha = hashlib.sha256(data).hexdigest()
+        url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=1.0)
         cfg = _upcfg(up.url, retries=0)
         async with FetchPool.open(cfg, tmp_path, processes=1) as pool, open_client(cfg, workers=2, version="t") as client:
@@ -180,7 +183,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_kill_9_of_the_parent_ends_its_helpers_and_loses_nothing(tmp_path: Path) -> None:
     with FakePyPI(seed=5) as up:
-        populate(up, POOL_MIN_PROJECTS + 20, seed=5)
+        populate(up, POOL_MIN_PROJECTS + 60, seed=5)
         expected = upstream_files(up)
         up.add_fault("slow", match="/packages/", delay=0.05)
         directory = tmp_path / "m"
@@ -219,7 +222,7 @@ def test_kill_9_of_the_parent_ends_its_helpers_and_loses_nothing(tmp_path: Path)
 
 
 async def test_a_temp_path_outside_state_tmp_is_never_taken_from_a_helper(tmp_path: Path) -> None:
-    Tree(tmp_path).prepare()
+    _tree(tmp_path)
     victim = tmp_path / "keep.part"
     victim.write_bytes(b"x")
     with FakePyPI(seed=1) as up:
