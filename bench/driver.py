@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -32,6 +33,19 @@ from mirror.metrics import Metrics
 from mirror.state import State
 from mirror.sync import CycleReport, Syncer
 from mirror.tree import Tree
+
+
+def child_pids(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (trio starts processes from a
+    worker thread, so the main thread's list alone misses them)."""
+    kids: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return kids
 
 
 def proc_status(field: str, pid: int | str = "self") -> int:

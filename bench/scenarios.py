@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import corpus
-from bench.driver import proc_status
+from bench.driver import child_pids, proc_status
 from bench.seed import seed_state, seeded_project
 from bench.upstream import Upstream
 from mirror.config import default_download_processes
@@ -62,14 +62,6 @@ def host_cpu() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
 def run_children(cmds: list[list[str]]) -> dict[str, Any]:
     """Run children side by side: wall until the last exits, summed CPU and
     peak RSS (each process's peak, including the children's own children),
@@ -93,7 +85,7 @@ def run_children(cmds: list[list[str]]) -> dict[str, Any]:
                     rc = max(rc, abs(os.waitstatus_to_exitcode(status)))
                 else:
                     # The child and its own children (download helpers).
-                    for q in (pid, *_children(pid)):
+                    for q in (pid, *child_pids(pid)):
                         peak[q] = max(peak.get(q, 0), proc_status("VmHWM", q))
             if running:
                 time.sleep(0.02)

@@ -8,7 +8,8 @@ file (size and sha256 checked, fsynced) and the caller hands it to
 Concurrency is bounded by a shared ``trio.CapacityLimiter`` held for one
 attempt (not across backoff sleeps).  Disk writes take one thread hop per
 megabyte-sized batch, so a typical 40 KB file costs a single hop for
-write + fsync.
+write + fsync.  With a ``FetchPool`` set (a large cycle), the attempt runs
+in a helper process instead and only the commit takes a hop here.
 """
 
 from __future__ import annotations

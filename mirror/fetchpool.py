@@ -108,13 +108,16 @@ class FetchPool:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, cfg: UpstreamConfig, directory: Path, *, processes: int) -> AsyncIterator[FetchPool]:
+    async def open(cls, cfg: UpstreamConfig, directory: Path, *, processes: int,
+                   workers: int) -> AsyncIterator[FetchPool]:
+        """``workers``: the most attempts in flight at once (the caller's
+        limiter), so that no helper's connection pool makes one wait."""
         pool = cls(directory / "state" / "tmp")
         async with trio.open_nursery() as nursery:
             try:
                 for _ in range(processes):
                     try:
-                        await pool._spawn(nursery, cfg, directory)
+                        await pool._spawn(nursery, (cfg, directory, workers, logging.getLogger().level))
                     except (OSError, trio.BrokenResourceError) as e:
                         # e.g. a process limit: fewer helpers, or none and
                         # every download in-process.
@@ -126,7 +129,7 @@ class FetchPool:
                     await pool._close()
                 nursery.cancel_scope.cancel()
 
-    async def _spawn(self, nursery: trio.Nursery, cfg: UpstreamConfig, directory: Path) -> None:
+    async def _spawn(self, nursery: trio.Nursery, setup: tuple[UpstreamConfig, Path, int, int]) -> None:
         # The helper imports this very package (a source checkout or another
         # install must not answer instead), and never one in the cwd (-P).
         here = str(Path(__file__).resolve().parent.parent)
@@ -136,8 +139,13 @@ class FetchPool:
         )
         h = _Helper(proc)
         assert proc.stdin is not None and proc.stdout is not None
+        try:
+            await send_frame(proc.stdin, h.lock, setup)
+        except trio.BrokenResourceError:
+            proc.kill()
+            await proc.wait()
+            raise
         self.helpers.append(h)
-        await send_frame(proc.stdin, h.lock, (cfg, directory, logging.getLogger().level))
         nursery.start_soon(self._read, h)
 
     async def _read(self, h: _Helper) -> None:
@@ -209,6 +217,7 @@ class FetchPool:
             await p.done.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             h.pending.pop(rid, None)
+            h.alive = False
             raise NoWorker() from None
         except BaseException:
             if h.pending.pop(rid, None) is not None:
@@ -257,13 +266,14 @@ async def _serve() -> None:
     first = await reader.next()
     if first is None:
         return
-    cfg, directory, level = first
+    cfg, directory, workers, level = first
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     scopes: dict[int, trio.CancelScope] = {}
-    async with open_client(cfg, workers=64, version=__version__) as client:
-        dl = Downloader(client, Tree(directory), cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(1 << 20))
+    async with open_client(cfg, workers=workers, version=__version__) as client:
+        # The parent limits, retries and counts; this one only attempts.
+        dl = Downloader(client, Tree(directory), cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(workers))
 
         async def one(rid: int, url: str, sha256: str | None, size: int | None, limit: int | None) -> None:
             reply: tuple[object, ...] | None = None

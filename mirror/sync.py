@@ -225,7 +225,8 @@ class Syncer:
         if n == 0 or self.state.todo_count() < self.pool_min_projects:
             yield
             return
-        async with FetchPool.open(self.cfg.upstream, self.cfg.mirror.directory, processes=n) as pool:
+        async with FetchPool.open(self.cfg.upstream, self.cfg.mirror.directory, processes=n,
+                                  workers=self.cfg.mirror.workers) as pool:
             log.info("downloading in %d helper process(es)", n)
             self.downloader.pool = pool
             try:

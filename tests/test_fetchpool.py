@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from bench.driver import child_pids
 from mirror import cli
 from mirror.config import UpstreamConfig, default_download_processes
 from mirror.download import Downloader
@@ -57,7 +58,7 @@ async def test_a_helper_returns_a_verified_fsynced_temp(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     with FakePyPI(seed=1) as up:
         url, data, sha = _one_file(up)
-        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=2) as pool:
+        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=2, workers=4) as pool:
             tmp, n, digest = await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             assert (n, digest) == (len(data), sha)
             assert tmp.parent == tree.tmp and tmp.read_bytes() == data
@@ -85,7 +86,7 @@ async def test_a_cancelled_attempt_leaves_no_temp(tmp_path: Path) -> None:
     with FakePyPI(seed=1) as up:
         url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=2.0)
-        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1) as pool:
+        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1, workers=4) as pool:
             with trio.move_on_after(0.5) as scope:
                 await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             assert scope.cancelled_caught
@@ -102,7 +103,7 @@ async def test_a_dead_helper_means_downloading_in_process(tmp_path: Path) -> Non
         url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=1.0)
         cfg = _upcfg(up.url, retries=0)
-        async with FetchPool.open(cfg, tmp_path, processes=1) as pool, open_client(cfg, workers=2, version="t") as client:
+        async with FetchPool.open(cfg, tmp_path, processes=1, workers=2) as pool, open_client(cfg, workers=2, version="t") as client:
             dl = Downloader(client, tree, cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(2))
             dl.pool = pool
             async with trio.open_nursery() as nursery:
@@ -167,11 +168,6 @@ def test_default_leaves_one_cpu_to_the_main_process() -> None:
     assert default_download_processes() == max(0, min(4, cpus - 1))
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -196,11 +192,11 @@ def test_kill_9_of_the_parent_ends_its_helpers_and_loses_nothing(tmp_path: Path)
             deadline = time.monotonic() + 60
             # Wait until helpers run and files are on their way.
             while time.monotonic() < deadline and not (
-                len(_children(proc.pid)) == 2 and sum(1 for r in up.requests if r[1].startswith("/packages/")) > 20
+                len(child_pids(proc.pid)) == 2 and sum(1 for r in up.requests if r[1].startswith("/packages/")) > 20
             ):
                 assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
                 time.sleep(0.02)
-            helpers = _children(proc.pid)
+            helpers = child_pids(proc.pid)
             assert len(helpers) == 2
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
@@ -226,8 +222,25 @@ async def test_a_temp_path_outside_state_tmp_is_never_taken_from_a_helper(tmp_pa
     victim = tmp_path / "keep.part"
     victim.write_bytes(b"x")
     with FakePyPI(seed=1) as up:
-        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1) as pool:
+        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1, workers=4) as pool:
             for frame in [("ok", 10**9, str(victim), 1, "0" * 64), ("ok", 10**9, "/etc/passwd", 1, "0" * 64)]:
                 with pytest.raises(ValueError):
                     pool._answer(pool.helpers[0], frame)
     assert victim.read_bytes() == b"x"
+
+
+async def test_helpers_that_cannot_start_leave_the_downloads_in_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(Syncer, "pool_min_projects", 1)
+
+    async def no_processes(*a: object, **kw: object) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(trio.lowlevel, "open_process", no_processes)
+    with FakePyPI(seed=4) as up:
+        populate(up, 3, seed=4)
+        cfg = make_config(up.url, tmp_path / "m", mirror={"download_processes": 2})
+        report = await cli.run_sync(cfg, metrics=Metrics())
+        assert not report.failed and report.files_downloaded > 0
+        assert mirror_problems(cfg.mirror.directory / "web", up) == []
+    assert "could not start a download process" in caplog.text
