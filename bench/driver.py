@@ -28,11 +28,12 @@ import trio
 
 from mirror.cli import run_sync, setup_logging
 from mirror.config import Config, load_config
-from mirror.lock import DirectoryLock
+from mirror.publish.lock import DirectoryLock
 from mirror.metrics import Metrics
-from mirror.state import State
-from mirror.sync import CycleReport, Syncer
-from mirror.tree import Tree
+from mirror.publish.state import State
+from mirror.sync.cycle import CycleReport, Syncer
+from mirror.publish.tree import Tree
+from mirror.layout import Layout
 
 
 def child_pids(pid: int) -> list[int]:
@@ -78,10 +79,10 @@ def cpu() -> float:
 
 
 async def publish_root(cfg: Config) -> dict[str, Any]:
-    state = State.open(cfg.mirror.directory / "state")
+    state = State.open(Layout(cfg.mirror.directory).db)
     try:
         async with httpx.AsyncClient() as client:
-            syncer = Syncer(cfg, client=client, state=state, tree=Tree(cfg.mirror.directory), metrics=Metrics())
+            syncer = Syncer(cfg, client=client, state=state, tree=Tree.at(Layout(cfg.mirror.directory)), metrics=Metrics())
             report = CycleReport(projects_synced=1)
             # As after a cycle that added a project: both root pages are stale.
             state.set_meta(root_json_dirty=1, root_html_dirty=1)

@@ -25,6 +25,7 @@ from bench.driver import child_pids, proc_status
 from bench.seed import seed_state, seeded_project
 from bench.upstream import Upstream
 from mirror.config import default_download_processes
+from mirror.layout import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1e6
@@ -197,9 +198,9 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
 
 
 def _check_tree(mdir: Path, n_urls: int, nbytes: int) -> None:
-    from mirror.state import State
+    from mirror.publish.state import State
 
-    st = State.open(mdir / "state")
+    st = State.open(Layout(mdir).db)
     try:
         tree_files, tree_bytes = st.tree_totals()
     finally:

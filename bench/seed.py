@@ -17,10 +17,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror import render
+from mirror.publish import render
 from mirror.model import NormalizedName, RootEntry, Serial
-from mirror.state import State
-from mirror.tree import Tree
+from mirror.publish.state import State
+from mirror.publish.tree import Tree
+from mirror.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,9 @@ def seeded_project(i: int) -> SeededProject:
 
 def seed_state(directory: Path, projects: int, *, files: bool = True, root: bool = True) -> int:
     """Write a state that follows ``projects`` projects; return the feed serial."""
-    tree = Tree(directory)
+    tree = Tree.at(Layout(directory))
     tree.prepare()
-    state = State.open(directory / "state")
+    state = State.open(Layout(directory).db)
     db = state.db
     serial = projects
     try:

@@ -1,7 +1,7 @@
-"""Command line: ``mirror sync``, and the other subcommands as they arrive.
+"""Command line: argparse, the exit codes, and every ``trio.run``.
 
-``main`` maps every ``MirrorError`` to its exit code and a one-line message;
-a traceback is reserved for real bugs.
+``main`` maps every ``MirrorError`` to its exit code (``EXIT_CODES``) and a
+one-line message; a traceback is reserved for real bugs.
 """
 
 from __future__ import annotations
@@ -18,22 +18,51 @@ from typing import Any
 
 import trio
 
-from mirror import __version__, filters
+from mirror import __version__
 from mirror.config import Config, load_config
-from mirror.daemon import run_daemon
-from mirror.errors import ConfigError, LockHeld, MassDeleteBlocked, MirrorError, SyncIncomplete, leaves
-from mirror.model import normalize_name
-from mirror.lock import DirectoryLock
+from mirror.errors import (
+    ConfigError,
+    DiskError,
+    LockHeld,
+    MassDeleteBlocked,
+    MirrorError,
+    PullError,
+    SyncIncomplete,
+    UpstreamError,
+    leaves,
+)
 from mirror.metrics import Metrics
-from mirror.progress import terminal_progress
-from mirror.state import State
-from mirror.status import read_status, render_text
-from mirror.sync import CycleReport, Progress, Syncer
-from mirror.tree import Tree
-from mirror.upstream import open_client
-from mirror.verify import FILE_KINDS, PAGE_KINDS, verify
+from mirror.model import normalize_name
+from mirror.ops.compose import open_mirror
+from mirror.ops.daemon import Daemon
+from mirror.ops.progress import terminal_progress
+from mirror.ops.sdnotify import Notifier
+from mirror.ops.status import read_status, render_text
+from mirror.ops.verify import FILE_KINDS, PAGE_KINDS, verify, work_queue
+from mirror.plan import filters
+from mirror.publish.lock import DirectoryLock
+from mirror.publish.state import State
+from mirror.sync.cycle import CycleReport, Progress
 
 log = logging.getLogger("mirror")
+
+# What each error means to a script; the first row that matches wins.
+EXIT_CODES: tuple[tuple[type[MirrorError], int], ...] = (
+    (SyncIncomplete, 1),  # some projects were deferred to the next run
+    (ConfigError, 2),  # bad config or arguments
+    (LockHeld, 3),  # another instance owns the directory
+    (UpstreamError, 4),  # the upstream is unusable
+    (PullError, 4),  # `mirror pull`: the rsync source failed
+    (DiskError, 5),  # full, read-only or failing disk
+    (MassDeleteBlocked, 6),  # the safety valve held the cycle back
+)
+
+
+def exit_code(e: BaseException) -> int:
+    for kind, code in EXIT_CODES:
+        if isinstance(e, kind):
+            return code
+    return 1
 
 
 class _JsonFormatter(logging.Formatter):
@@ -86,25 +115,14 @@ def setup_logging(level: str, fmt: str) -> None:
 async def run_sync(
     cfg: Config, *, metrics: Metrics, progress: Progress | None = None, allow_mass_delete: bool = False
 ) -> CycleReport:
-    directory = cfg.mirror.directory
-    tree = Tree(directory)
-    removed = await trio.to_thread.run_sync(tree.prepare)
-    if removed:
-        log.info("removed %d temp file(s) left by an interrupted run", removed)
-    state = State.open(directory / "state")
-    try:
-        async with open_client(cfg.upstream, workers=cfg.mirror.workers, version=__version__) as client:
-            syncer = Syncer(cfg, client=client, state=state, tree=tree, metrics=metrics, progress=progress,
-                            allow_mass_delete=allow_mass_delete)
-            return await syncer.sync_once()
-    finally:
-        state.close()
+    async with open_mirror(cfg, metrics=metrics) as mirror:
+        return await mirror.syncer(progress=progress, allow_mass_delete=allow_mass_delete).sync_once()
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     metrics = Metrics()
-    with DirectoryLock(cfg.mirror.directory / "state" / "lock"):
+    with DirectoryLock(cfg.layout.lock):
         started = time.monotonic()
         try:
             with terminal_progress(sys.stderr) as line:
@@ -123,12 +141,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    state_dir = cfg.mirror.directory / "state"
-    if not (state_dir / "mirror.sqlite3").is_file():
+    if not cfg.layout.db.is_file():
         raise ConfigError(f"{cfg.mirror.directory}: no mirror state to verify (has `mirror sync` run?)")
     # Checks take no lock (a running mirror holds it for good); changes do,
     # or, for repairs, are queued for the mirror that holds it.
-    lock = DirectoryLock(state_dir / "lock")
+    lock = DirectoryLock(cfg.layout.lock)
     holder = None
     if (args.repair or args.orphans == "delete") and not args.dry_run:
         try:
@@ -142,6 +159,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         report = verify(cfg, sys.stdout, hash=args.hash, repair=args.repair, dry_run=args.dry_run,
                         orphans=args.orphans, exclusive=lock.fd is not None)
+        if report.needs_repair and lock.fd is not None:
+            report.repair = trio.run(work_queue, cfg)
     finally:
         lock.release()
     log.info("verify: %s", report.summary())
@@ -196,10 +215,10 @@ def explain_project(cfg: Config, state: State, name: str) -> list[str]:
 
 def cmd_filters(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    state_dir = cfg.mirror.directory / "state"
-    if not (state_dir / "mirror.sqlite3").exists():
-        raise ConfigError(f"{state_dir}: no mirror state yet; run `mirror sync` first")
-    state = State.open(state_dir)
+    if not cfg.layout.db.exists():
+        raise ConfigError(f"{cfg.layout.state}: no mirror state yet; run `mirror sync` first")
+    # Read-only, without the lock: this explains, it never changes anything.
+    state = State.open_readonly(cfg.layout.db)
     try:
         for name in args.explain:
             print("\n".join(explain_project(cfg, state, name)))
@@ -211,7 +230,7 @@ def cmd_filters(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     # No lock and a read-only database: this must answer while a sync runs.
     cfg = load_config(args.config)
-    status = read_status(cfg.mirror.directory)
+    status = read_status(cfg.layout)
     if args.json:
         print(json.dumps(status.to_json(), indent=2))
     else:
@@ -221,8 +240,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    with DirectoryLock(cfg.mirror.directory / "state" / "lock"):
-        return run_daemon(cfg, config_path=Path(args.config))
+    with DirectoryLock(cfg.layout.lock):
+        daemon = Daemon(cfg, config_path=Path(args.config), metrics=Metrics(), notifier=Notifier.from_environ())
+        try:
+            trio.run(daemon.run)
+        finally:
+            daemon.notifier.close()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from mirror.pull import pull
-    from mirror.rsync import Rsync
+    from mirror.downstream.pull import pull
+    from mirror.downstream.rsync import Rsync
 
     rsync = Rsync(args.rsync, timeout=args.timeout)
     report = trio.run(lambda: pull(args.source, Path(args.dest), name=args.name, rsync=rsync, want=args.source_trace))
@@ -292,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except MirrorError as e:
         log.error("%s", e)
-        return e.exit_code
+        return exit_code(e)
     except BaseExceptionGroup as group:
         # A nursery wraps task errors in a group: report ours the same way.
         errors = leaves(group)
@@ -300,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         for message in list(dict.fromkeys(map(str, errors)))[:5]:
             log.error("%s", message)
-        return int(getattr(errors[0], "exit_code", 1))
+        return exit_code(errors[0])
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

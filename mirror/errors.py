@@ -1,15 +1,15 @@
 """The exception tree of `mirror`.
 
-    MirrorError                      base; carries an exit code for the CLI
-    ├── ConfigError                  bad or unreadable config (exit 2)
-    ├── LockHeld                     another instance owns the directory (exit 3)
-    ├── UpstreamError                the upstream misbehaved (exit 4 if fatal)
+    MirrorError                      base
+    ├── ConfigError                  bad or unreadable config
+    ├── LockHeld                     another instance owns the directory
+    ├── UpstreamError                the upstream misbehaved
     │   ├── UpstreamUnavailable      connection failures, 5xx after retries
     │   ├── MalformedResponse        unparsable JSON / HTML / XML-RPC, oversize page
     │   ├── UnsupportedAPIVersion    PEP 691 api-version with a higher major
     │   ├── StalePage                served serial below the one the feed promised
-    │   ├── ProjectNotFound          404 for a project page
-    │   └── PullError                `mirror pull`: the rsync source failed or is not a mirror
+    │   └── ProjectNotFound          404 for a project page
+    ├── PullError                    `mirror pull`: the rsync source failed or is not a mirror
     ├── UnsafeInput                  upstream data that must never touch the disk
     │   ├── UnsafeName               project name that is not a PEP 508 name
     │   ├── UnsafePath               file path / filename that could escape web/
@@ -17,9 +17,12 @@
     ├── DownloadError(url, reason)   one file failed; ``reason`` is the metric label
     │   ├── HashMismatch(url, expected, actual)
     │   └── SizeMismatch(url, expected, actual)
-    ├── DiskError                    ENOSPC / EROFS / EIO while writing (exit 5)
-    ├── MassDeleteBlocked(reason)    the safety valve held a cycle back (exit 6)
-    └── SyncIncomplete(failed)       some projects were deferred (exit 1)
+    ├── DiskError                    ENOSPC / EROFS / EIO while writing
+    ├── MassDeleteBlocked(reason)    the safety valve held a cycle back
+    └── SyncIncomplete(failed)       some projects were deferred
+
+Errors say what went wrong, with structured fields; what a command's exit
+code is for each of them is the CLI's business (``mirror.cli.EXIT_CODES``).
 """
 
 from __future__ import annotations
@@ -28,16 +31,14 @@ from collections.abc import Mapping
 
 
 class MirrorError(Exception):
-    exit_code = 1
+    pass
 
 
 class ConfigError(MirrorError):
-    exit_code = 2
+    pass
 
 
 class LockHeld(MirrorError):
-    exit_code = 3
-
     def __init__(self, path: str, pid: str) -> None:
         super().__init__(f"{path} is locked by another mirror process (pid {pid or 'unknown'})")
         self.path = path
@@ -45,7 +46,7 @@ class LockHeld(MirrorError):
 
 
 class UpstreamError(MirrorError):
-    exit_code = 4
+    pass
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -72,7 +73,7 @@ class ProjectNotFound(UpstreamError):
     pass
 
 
-class PullError(UpstreamError):
+class PullError(MirrorError):
     pass
 
 
@@ -127,12 +128,13 @@ class SizeMismatch(DownloadError):
 
 
 class DiskError(MirrorError):
-    exit_code = 5
+    @classmethod
+    def of(cls, e: OSError, what: str) -> DiskError:
+        """``what`` failed with ``e``: one line naming both."""
+        return cls(f"{what}: {e.strerror or e}")
 
 
 class MassDeleteBlocked(MirrorError):
-    exit_code = 6
-
     def __init__(self, reason: str) -> None:
         super().__init__(
             f"safety valve: {reason}; nothing destructive was published. "
@@ -142,8 +144,6 @@ class MassDeleteBlocked(MirrorError):
 
 
 class SyncIncomplete(MirrorError):
-    exit_code = 1
-
     def __init__(self, failed: Mapping[str, str]) -> None:
         names = ", ".join(sorted(failed)[:20])
         more = f" (+{len(failed) - 20} more)" if len(failed) > 20 else ""

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakepypi import FakePyPI
+from tests.harness.fakepypi import FakePyPI
 
 
 @pytest.fixture

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mirror import changes, pagelinks, render, trace
+from mirror import layout
+from mirror.downstream import changes
+from mirror.publish import pagelinks
+from mirror.publish import render
+from mirror.downstream import trace
 from mirror.model import ProjectSnapshot, ReleaseFile, RootEntry, Serial, NormalizedName
 
 CL = changes.ChangeList(
@@ -19,7 +23,7 @@ def test_change_list_round_trip_and_layout() -> None:
     assert data.startswith(b"Epoch: abc123\nGeneration: 7\nSerial-From: 100\nSerial-To: 117\n")
     assert b"\n\nadd packages/aa/bb/x-1.0.tar.gz\ndelete simple/gone/index.html\n" in data
     assert changes.parse_list(data) == CL
-    assert changes.list_name("abc123", 7) == "changes/0000000007-abc123.txt"
+    assert layout.change_list("abc123", 7) == "changes/0000000007-abc123.txt"
     empty = changes.ChangeList("e", 1, 0, 0, "d", complete=False)
     assert b"Complete: no" in changes.render_list(empty)
     assert changes.parse_list(changes.render_list(empty)) == empty

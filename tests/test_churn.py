@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.consistency import check_tree
-from tests.daemonproc import DaemonProcess
-from tests.e2e import write_config
-from tests.fakepypi import FakePyPI
-from tests.rsyncd import rsync_daemon
+from tests.harness.consistency import check_tree
+from tests.harness.daemonproc import DaemonProcess
+from tests.harness.e2e import write_config
+from tests.harness.fakepypi import FakePyPI
+from tests.harness.rsyncd import rsync_daemon
 
 PULLS = 20  # at least this many pulls...
 MAX_PULLS = 40

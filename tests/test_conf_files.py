@@ -15,8 +15,8 @@ import pytest
 
 from mirror.cli import build_parser
 from mirror.config import Config, load_config, parse_duration
-from mirror.daemon import HARD_GRACE
-from mirror.exporter import split_listen
+from mirror.ops.daemon import HARD_GRACE
+from mirror.ops.exporter import split_listen
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "mirror.toml"

@@ -22,17 +22,18 @@ import trio
 
 from mirror import cli
 from mirror.config import load_config
-from mirror import daemon as daemon_module
-from mirror.daemon import Daemon, config_changes
+from mirror.ops import daemon as daemon_module
+from mirror.ops.daemon import Daemon, config_changes
 from mirror.errors import DiskError
 from mirror.metrics import Metrics
-from mirror.sdnotify import Notifier
-from mirror.state import State
-from mirror.tree import Tree
-from tests.consistency import check_tree
-from tests.daemonproc import DaemonProcess, NotifySocket, sample, scrape, wait_until
-from tests.e2e import make_config, write_config
-from tests.fakepypi import FakePyPI
+from mirror.ops.sdnotify import Notifier
+from mirror.publish.state import State
+from mirror.publish.tree import Tree
+from mirror.layout import Layout
+from tests.harness.consistency import check_tree
+from tests.harness.daemonproc import DaemonProcess, NotifySocket, sample, scrape, wait_until
+from tests.harness.e2e import make_config, write_config
+from tests.harness.fakepypi import FakePyPI
 
 
 def populate(up: FakePyPI, n: int) -> None:
@@ -78,7 +79,7 @@ async def test_gauges_come_from_the_state_before_the_first_cycle(upstream: FakeP
     upstream.add_release("pkg-1", "2.0")
     upstream.add_fault("status", match="/simple/pkg-1/", status=503)
     await cli.run_sync(cfg, metrics=Metrics())
-    state = State.open(cfg.mirror.directory / "state")
+    state = State.open(Layout(cfg.mirror.directory).db)
     files, nbytes = state.tree_totals()
     synced, serial = state.synced_serial(), state.serial
     state.close()
@@ -173,15 +174,15 @@ async def test_reload_applies_a_good_config_and_keeps_the_old_one_otherwise(
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         await wait_for(lambda: daemon.scheduler.cycles == 1 and not daemon.scheduler.in_cycle, "first cycle")
-        client = daemon._client
+        client = daemon._mirror.client
         await reload_with("ok", 1, mirror={"workers": 3}, daemon={"poll_interval": 1800})
         assert daemon.syncer.limiter.total_tokens == 3 and daemon.cfg.mirror.workers == 3
         assert daemon.scheduler.settings.poll_interval == 1800
-        assert daemon._client is not client, "the pool is sized by workers"
+        assert daemon._mirror.client is not client, "the pool is sized by workers"
         assert "mirror.workers: 8 -> 3; daemon.poll_interval: 3600.0 -> 1800.0" in caplog.text
-        client = daemon._client
+        client = daemon._mirror.client
         await reload_with("ok", 2, mirror={"workers": 3}, daemon={"poll_interval": 900})
-        assert daemon._client is client, "an unrelated change keeps the client"
+        assert daemon._mirror.client is client, "an unrelated change keeps the client"
         # A bad file, or a different directory, keeps everything as it was.
         conf.write_text(conf.read_text().replace("workers = 3", "workerz = 3"))
         daemon.scheduler.request_reload()

@@ -25,12 +25,14 @@ from typing import Any
 
 import pytest
 
-import mirror.state
-from mirror import cli, download, tree
-from tests.daemonproc import DaemonProcess, wait_until
-from tests.e2e import write_config
-from tests.fakepypi import FakePyPI, make_blob_file
-from tests.reliability import check_published, foreign_files, mirror_problems, snapshot_fs, upstream_files
+import mirror.publish.state
+from mirror import cli
+from mirror.fetch import attempt as download
+from mirror.publish import tree
+from tests.harness.daemonproc import DaemonProcess, wait_until
+from tests.harness.e2e import write_config
+from tests.harness.fakepypi import FakePyPI, make_blob_file
+from tests.harness.reliability import check_published, foreign_files, mirror_problems, snapshot_fs, upstream_files
 
 
 def _fill(up: FakePyPI, projects: int, blob: int) -> None:
@@ -233,17 +235,17 @@ def test_full_state_database_is_a_disk_error(
     directory = tmp_path / "m"
     conf = write_config(tmp_path / "mirror.toml", upstream.url, directory)
     textfile = tmp_path / "metrics.prom"
-    real_open = mirror.state.State.open
+    real_open = mirror.publish.state.State.open
     limit = {"on": True}
 
-    def small_open(state_dir: Path) -> mirror.state.State:
+    def small_open(state_dir: Path) -> mirror.publish.state.State:
         st = real_open(state_dir)
         if limit["on"]:
             (pages,) = st.db.execute("PRAGMA page_count").fetchone()
             st.db.execute(f"PRAGMA max_page_count={pages + 3}")
         return st
 
-    monkeypatch.setattr(mirror.state.State, "open", small_open)
+    monkeypatch.setattr(mirror.publish.state.State, "open", small_open)
     rc, out = _run(conf, textfile, capsys)
     assert rc == 5, out
     assert "database or disk is full" in out and "Traceback" not in out

@@ -1,4 +1,4 @@
-"""`mirror.download.Downloader` with a MockTransport and a real `Tree`."""
+"""`mirror.fetch.downloader.Downloader` with a MockTransport and a real `Tree`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import pytest
 import trio
 
 from mirror.config import UpstreamConfig
-from mirror.download import Downloader
+from mirror.fetch.downloader import Downloader
 from mirror.errors import DownloadError, HashMismatch, SizeMismatch
 from mirror.metrics import Metrics
-from mirror.tree import Tree
+from mirror.publish.tree import Tree
+from mirror.layout import Layout
 
 URL = "https://files.test/packages/ab/cd/demo-1.0.tar.gz"
 BODY = b"hello, mirror\n" * 100
@@ -38,7 +39,7 @@ async def no_sleep(_: float) -> None:
 class Env:
     def __init__(self, tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response],
                  cfg: UpstreamConfig = CFG) -> None:
-        self.tree = Tree(tmp_path / "mirror")
+        self.tree = Tree.at(Layout(tmp_path / "mirror"))
         self.tree.prepare()
         self.metrics = Metrics()
         self.requests: list[httpx.Request] = []
@@ -48,7 +49,7 @@ class Env:
             return handler(request)
 
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(record))
-        self.dl = Downloader(self.client, self.tree, cfg=cfg, metrics=self.metrics,
+        self.dl = Downloader(self.client, self.tree.tmp, cfg=cfg, metrics=self.metrics,
                              limiter=trio.CapacityLimiter(4), sleep=no_sleep)
 
     def errors(self, reason: str) -> float:

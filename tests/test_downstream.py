@@ -8,14 +8,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from mirror import changes, cli, valve
+from mirror import layout
+from mirror import cli
+from mirror.downstream import changes
+from mirror.plan import valve
 from mirror.config import Config
 from mirror.metrics import Metrics
-from mirror.state import State
-from mirror.trace import parse_date, parse_trace
-from tests.consistency import check_tree
-from tests.e2e import make_config, write_config
-from tests.fakepypi import FakePyPI, make_blob_file
+from mirror.publish.state import State
+from mirror.downstream.trace import parse_date, parse_trace
+from mirror.layout import Layout
+from tests.harness.consistency import check_tree
+from tests.harness.e2e import make_config, write_config
+from tests.harness.fakepypi import FakePyPI, make_blob_file
 
 
 async def sync(cfg: Config, metrics: Metrics | None = None, **kw: bool) -> cli.CycleReport:
@@ -27,7 +31,7 @@ def trace_of(web: Path, name: str = "primary") -> dict[str, str]:
 
 
 def change_list(web: Path, gen: int) -> changes.ChangeList:
-    epoch, entries = changes.parse_index((web / changes.INDEX).read_bytes())
+    epoch, entries = changes.parse_index((web / layout.CHANGES_INDEX).read_bytes())
     (entry,) = [e for e in entries if e.generation == gen]
     return changes.parse_list((web / "changes" / entry.name).read_bytes())
 
@@ -55,7 +59,7 @@ async def test_trace_is_written_last_and_describes_the_tree(upstream: FakePyPI, 
     report = await sync(cfg)
     web = cfg.mirror.directory / "web"
     t = trace_of(web)
-    files, nbytes = State.open(cfg.mirror.directory / "state").tree_totals()
+    files, nbytes = State.open(Layout(cfg.mirror.directory).db).tree_totals()
     assert t["Serial"] == str(upstream.serial) == str(report.synced_serial)
     assert (t["Files"], t["Bytes"]) == (str(files), str(nbytes)) and files == report.files_downloaded
     assert t["Creator"].startswith("mirror ") and t["Upstream"] == upstream.url and t["Mirror"] == "primary"
@@ -68,7 +72,7 @@ async def test_trace_is_written_last_and_describes_the_tree(upstream: FakePyPI, 
     # The first list names every file and page of the tree.
     first = change_list(web, 1)
     assert (first.generation, first.serial_from, first.serial_to) == (1, 0, upstream.serial)
-    assert {p for op, p in first.entries} == tree_files(web) - {"trace/primary", changes.INDEX, t["Changes"]}
+    assert {p for op, p in first.entries} == tree_files(web) - {"trace/primary", layout.CHANGES_INDEX, t["Changes"]}
     assert {op for op, _ in first.entries} == {"add", "replace"}
 
     # A cycle with nothing new writes no list and no trace.
@@ -105,7 +109,7 @@ async def test_change_list_names_exactly_what_a_cycle_changed(upstream: FakePyPI
     )
     # The dropped file is only up for retirement: not deleted, not listed.
     assert (web / dropped_rel).exists() and dropped_rel not in {p for _, p in cl.entries}
-    epoch, entries = changes.parse_index((web / changes.INDEX).read_bytes())
+    epoch, entries = changes.parse_index((web / layout.CHANGES_INDEX).read_bytes())
     assert [e.generation for e in entries] == [1, 2] and trace_of(web)["Epoch"] == epoch
     assert check_tree(web) == []
 
@@ -119,7 +123,7 @@ async def test_retired_file_stays_for_the_grace_period_then_goes(upstream: FakeP
     upstream.add_release("demo", "2.0")
     await sync(cfg)
     web = cfg.mirror.directory / "web"
-    state = State.open(cfg.mirror.directory / "state")
+    state = State.open(Layout(cfg.mirror.directory).db)
     old = [rel(upstream, "demo", f) for f in upstream.filenames("demo") if "-1.0" in f]
     old += [p + ".metadata" for p in old if p.endswith(".whl")]
     assert len(old) == 3 and all((web / p).is_file() for p in old)
@@ -155,7 +159,7 @@ async def test_file_referenced_again_before_deletion_is_kept(upstream: FakePyPI,
     path = rel(upstream, "demo", blob.filename)
     upstream.remove_file("demo", blob.filename)
     await sync(cfg)
-    state = State.open(cfg.mirror.directory / "state")
+    state = State.open(Layout(cfg.mirror.directory).db)
     assert [r[0] for r in state.db.execute("SELECT path FROM retire")] == [path]
     upstream.add_file("demo", "1.0", blob)  # the same bytes: the same path
     assert rel(upstream, "demo", blob.filename) == path
@@ -212,7 +216,7 @@ async def test_valve_holds_a_mass_removal_until_allowed(upstream: FakePyPI, tmp_
     assert all((web / f"simple/p{i}/index.html").exists() for i in range(12))
     assert rel(upstream, "p20", fresh[0]) in {p for _, p in change_list(web, 2).entries}
     assert check_tree(web) == [] and len(check_root(web)) == 25
-    state = State.open(cfg.mirror.directory / "state")
+    state = State.open(Layout(cfg.mirror.directory).db)
     assert state.todo_count() == 12 and report.projects_removed == 0
     # Still blocked on the next cycle (the removals stay queued)...
     report = await sync(cfg, metrics)

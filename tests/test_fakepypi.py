@@ -30,8 +30,8 @@ from xml.parsers.expat import ExpatError
 import httpx
 import pytest
 
-from tests.fakepypi import FakePyPI, populate
-from tests.wheels import make_blob_file, make_sdist, make_wheel
+from tests.harness.fakepypi import FakePyPI, populate
+from tests.harness.wheels import make_blob_file, make_sdist, make_wheel
 
 JSON = "application/vnd.pypi.simple.v1+json"
 ACCEPT_JSON = {"Accept": JSON}
@@ -727,7 +727,7 @@ def test_standalone_process(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "tests.fakepypi",
+            "tests.harness.fakepypi",
             "--port",
             "0",
             "--projects",

@@ -16,9 +16,9 @@ import pytest
 from mirror import cli
 from mirror.errors import UpstreamError
 from mirror.metrics import Metrics
-from tests.e2e import make_config
-from tests.fakepypi import FakePyPI, populate
-from tests.reliability import foreign_files, mirror_problems, upstream_files
+from tests.harness.e2e import make_config
+from tests.harness.fakepypi import FakePyPI, populate
+from tests.harness.reliability import foreign_files, mirror_problems, upstream_files
 
 RATE = 0.5
 MAX_RUNS = 8

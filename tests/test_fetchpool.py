@@ -21,16 +21,17 @@ import trio
 from bench.driver import child_pids
 from mirror import cli
 from mirror.config import UpstreamConfig, default_download_processes
-from mirror.download import Downloader
+from mirror.fetch.downloader import Downloader
 from mirror.errors import DownloadError
-from mirror.fetchpool import FetchPool, NoWorker
+from mirror.fetch.pool import FetchPool, NoWorker
 from mirror.metrics import Metrics
-from mirror.sync import POOL_MIN_PROJECTS, Syncer
-from mirror.tree import Tree
-from mirror.upstream import open_client
-from tests.e2e import make_config, write_config
-from tests.fakepypi import FakePyPI, populate
-from tests.reliability import foreign_files, mirror_problems, upstream_files
+from mirror.sync.cycle import POOL_MIN_PROJECTS, Syncer
+from mirror.publish.tree import Tree
+from mirror.upstream.transport import open_client
+from mirror.layout import Layout
+from tests.harness.e2e import make_config, write_config
+from tests.harness.fakepypi import FakePyPI, populate
+from tests.harness.reliability import foreign_files, mirror_problems, upstream_files
 
 
 def _upcfg(url: str, **kw: object) -> UpstreamConfig:
@@ -45,7 +46,7 @@ def _one_file(up: FakePyPI) -> tuple[str, bytes, str]:
 
 
 def _tree(directory: Path) -> Tree:
-    tree = Tree(directory)
+    tree = Tree.at(Layout(directory))
     tree.prepare()
     return tree
 
@@ -58,7 +59,7 @@ async def test_a_helper_returns_a_verified_fsynced_temp(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     with FakePyPI(seed=1) as up:
         url, data, sha = _one_file(up)
-        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=2, workers=4) as pool:
+        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=2, workers=4) as pool:
             tmp, n, digest = await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             assert (n, digest) == (len(data), sha)
             assert tmp.parent == tree.tmp and tmp.read_bytes() == data
@@ -86,7 +87,7 @@ async def test_a_cancelled_attempt_leaves_no_temp(tmp_path: Path) -> None:
     with FakePyPI(seed=1) as up:
         url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=2.0)
-        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1, workers=4) as pool:
+        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4) as pool:
             with trio.move_on_after(0.5) as scope:
                 await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             assert scope.cancelled_caught
@@ -103,8 +104,8 @@ async def test_a_dead_helper_means_downloading_in_process(tmp_path: Path) -> Non
         url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=1.0)
         cfg = _upcfg(up.url, retries=0)
-        async with FetchPool.open(cfg, tmp_path, processes=1, workers=2) as pool, open_client(cfg, workers=2, version="t") as client:
-            dl = Downloader(client, tree, cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(2))
+        async with FetchPool.open(cfg, Layout(tmp_path), processes=1, workers=2) as pool, open_client(cfg, workers=2, version="t") as client:
+            dl = Downloader(client, tree.tmp, cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(2))
             dl.pool = pool
             async with trio.open_nursery() as nursery:
 
@@ -222,7 +223,7 @@ async def test_a_temp_path_outside_state_tmp_is_never_taken_from_a_helper(tmp_pa
     victim = tmp_path / "keep.part"
     victim.write_bytes(b"x")
     with FakePyPI(seed=1) as up:
-        async with FetchPool.open(_upcfg(up.url), tmp_path, processes=1, workers=4) as pool:
+        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4) as pool:
             for frame in [("ok", 10**9, str(victim), 1, "0" * 64), ("ok", 10**9, "/etc/passwd", 1, "0" * 64)]:
                 with pytest.raises(ValueError):
                     pool._answer(pool.helpers[0], frame)

@@ -11,9 +11,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
-from mirror import filters
+from mirror.plan import filenames, filters
 from mirror.errors import ConfigError
-from mirror.filters import (
+from mirror.plan.filters import (
     Filters,
     apply,
     file_version,
@@ -130,7 +130,7 @@ def test_file_version(project: str, filename: str, expected: str | None) -> None
 def test_wheel_split_agrees_with_packaging(filename: str) -> None:
     # The fast wheel path must read names exactly as parse_wheel_filename.
     _, version, _, tags = parse_wheel_filename(filename)
-    info = filters._file_info(NormalizedName("foo"), filename)
+    info = filenames.file_info(NormalizedName("foo"), filename)
     assert info.kind == "wheel"
     assert info.version == version
     assert info.platforms == frozenset(t.platform for t in tags)
@@ -862,9 +862,9 @@ def test_5000_files_filter_fast() -> None:
     best = float("inf")
     for _ in range(5):
         # Cold: a full-PyPI sync sees each filename once, so caches miss.
-        filters._file_info.cache_clear()
-        filters._parse_version.cache_clear()
-        filters._wheel_tags.cache_clear()
+        filenames.file_info.cache_clear()
+        filters.parse_version.cache_clear()
+        filenames._wheel_tags.cache_clear()
         start = time.perf_counter()
         out, dropped = apply(f, s)
         best = min(best, time.perf_counter() - start)

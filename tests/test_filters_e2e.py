@@ -11,10 +11,11 @@ import pytest
 from mirror import cli
 from mirror.config import Config
 from mirror.metrics import Metrics
-from mirror.state import State
-from tests.consistency import check_tree
-from tests.e2e import make_config, write_config
-from tests.fakepypi import FakePyPI, make_wheel
+from mirror.publish.state import State
+from mirror.layout import Layout
+from tests.harness.consistency import check_tree
+from tests.harness.e2e import make_config, write_config
+from tests.harness.fakepypi import FakePyPI, make_wheel
 
 
 def corpus(up: FakePyPI) -> None:
@@ -71,7 +72,7 @@ async def test_filters_then_filter_change(upstream: FakePyPI, tmp_path: Path) ->
     assert not upstream.requests_matching("/simple/keep-me/")
     assert upstream.requests_matching("/simple/dropme/")
     # what "other" had is up for retirement (not deleted yet)
-    state = State.open(directory / "state")
+    state = State.open(Layout(directory).db)
     retired = {r[0] for r in state.db.execute("SELECT path FROM retire")}
     other_paths = {upstream.file_path("other", f).lstrip("/") for f in upstream.filenames("other") if "-1.0" in f}
     assert other_paths <= retired

@@ -22,13 +22,14 @@ import pytest
 from mirror import cli
 from mirror.config import Config
 from mirror.metrics import Metrics
-from mirror.planner import group_listing
-from mirror.state import State
-from mirror.sync import CycleReport
-from tests.consistency import check_tree
-from tests.e2e import make_config, write_config
-from tests.fakepypi import JSON_TYPE, FakePyPI
-from tests.reliability import HostileServer, snapshot_fs
+from mirror.plan.planner import group_listing
+from mirror.publish.state import State
+from mirror.sync.cycle import CycleReport
+from mirror.layout import Layout
+from tests.harness.consistency import check_tree
+from tests.harness.e2e import make_config, write_config
+from tests.harness.fakepypi import JSON_TYPE, FakePyPI
+from tests.harness.reliability import HostileServer, snapshot_fs
 
 SHA = hashlib.sha256(b"x").hexdigest()
 
@@ -112,7 +113,7 @@ async def test_hostile_file_entries_are_refused_one_by_one(
     assert check_tree(cfg.mirror.directory / "web") == []
     assert outside(tmp_path) == before
     # Every path inside the tree is one that was verified and recorded.
-    state = State.open(cfg.mirror.directory / "state")
+    state = State.open(Layout(cfg.mirror.directory).db)
     recorded = {r[0] for r in state.db.execute("SELECT path FROM files")}
     on_disk = {
         os.path.relpath(os.path.join(d, f), cfg.mirror.directory / "web")
@@ -271,7 +272,7 @@ async def test_oversize_and_nested_json_pages_are_refused(
 async def test_streamed_page_is_cut_at_the_cap() -> None:
     """No Content-Length: the body is counted while it streams."""
     from mirror.errors import MalformedResponse
-    from mirror.upstream import Upstream
+    from mirror.upstream.client import Upstream
 
     sent = 0
 
@@ -525,7 +526,7 @@ async def test_one_path_with_two_hashes_never_overwrites_a_linked_file(
 def test_html_page_cut_short_is_malformed_not_empty(body: bytes) -> None:
     from mirror.errors import MalformedResponse
     from mirror.model import NormalizedName
-    from mirror.parse import parse_project_html
+    from mirror.upstream.parse import parse_project_html
 
     with pytest.raises(MalformedResponse, match="cut short"):
         parse_project_html(body, name=NormalizedName("demo"), page_url="https://up.test/simple/demo/",

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from mirror.state import State
-from tests.e2e import write_config
-from tests.fakepypi import FakePyPI, populate
-from tests.reliability import check_published, foreign_files, mirror_problems, tree_files, upstream_files
+from mirror.layout import Layout
+from mirror.publish.state import State
+from tests.harness.e2e import write_config
+from tests.harness.fakepypi import FakePyPI, populate
+from tests.harness.reliability import check_published, foreign_files, mirror_problems, tree_files, upstream_files
 
 KILLS = 24
 WORKERS = 8
@@ -107,7 +108,7 @@ def test_kill_9_at_random_instants_loses_nothing(tmp_path: Path) -> None:
         assert again == [], f"re-downloaded files that were already in the tree: {again[:5]}"
         assert mirror_problems(web, up) == []
         assert os.listdir(directory / "state" / "tmp") == []
-        state = State.open(directory / "state")
+        state = State.open(Layout(directory).db)
         assert state.todo_count() == 0 and state.synced_serial() == up.serial
         assert state.tree_totals() == (len(expected) + _provenance_count(web), _tree_bytes(web))
         state.close()
@@ -135,8 +136,8 @@ def _tree_bytes(web: Path) -> int:
 _DIE_AFTER = """
 import os, sys
 from pathlib import Path
-from mirror.state import State
-state = State.open(Path(sys.argv[1]))
+from mirror.publish.state import State
+state = State.open(Path(sys.argv[1]) / "mirror.sqlite3")
 def trace(sql):
     if sys.argv[2] in sql:
         os._exit(9)  # as if killed -9 when this statement starts: the ones before it ran
@@ -152,7 +153,7 @@ def test_a_state_update_dies_whole_or_not_at_all(statement: str, tmp_path: Path)
     r = subprocess.run([sys.executable, "-c", _DIE_AFTER, str(tmp_path), statement],
                        cwd=Path(__file__).parent.parent, timeout=60)
     assert r.returncode == 9
-    state = State.open(tmp_path)
+    state = State.open(tmp_path / "mirror.sqlite3")
     rows = state.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()
     assert state.tree_totals() == tuple(rows) == (0, 0)
     state.record_file("packages/aa/f.whl", 10, "0" * 64)

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirror import cli
 from mirror.metrics import Metrics
-from tests.e2e import make_config
-from tests.fakepypi import FakePyPI
+from tests.harness.e2e import make_config
+from tests.harness.fakepypi import FakePyPI
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "conf" / "prometheus-alerts.yml"

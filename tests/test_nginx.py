@@ -22,11 +22,11 @@ import trio
 
 from mirror import cli
 from mirror.metrics import Metrics
-from tests.clients import make_venv, pip_env, run, uv_binary, uv_env
-from tests.consistency import check_tree
-from tests.e2e import make_config
-from tests.fakepypi import FakePyPI
-from tests.nginx import Nginx, nginx_binary, run_nginx
+from tests.harness.clients import make_venv, pip_env, run, uv_binary, uv_env
+from tests.harness.consistency import check_tree
+from tests.harness.e2e import make_config
+from tests.harness.fakepypi import FakePyPI
+from tests.harness.nginx import Nginx, nginx_binary, run_nginx
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mirror.model import ChangeEvent, NormalizedName, ProjectSnapshot, ReleaseFile, RootEntry, Serial
-from mirror.planner import Fetch, diff_root, finalize, group_events, group_listing, is_content_event, plan_project
+from mirror.plan.planner import Fetch, diff_root, finalize, group_events, group_listing, is_content_event, plan_project
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64

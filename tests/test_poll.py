@@ -10,9 +10,9 @@ import pytest
 import trio
 
 from mirror.config import DaemonConfig
-from mirror.daemon import TRANSIENT
+from mirror.ops.daemon import TRANSIENT
 from mirror.errors import DiskError, UpstreamUnavailable, leaves
-from mirror.poll import Scheduler, next_delay
+from mirror.ops.poll import Scheduler, next_delay
 
 SETTINGS = DaemonConfig(poll_interval=60.0, max_backoff=900.0, stop_timeout=30.0)
 

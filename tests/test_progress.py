@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from mirror.progress import ProgressLine, terminal_progress, wanted
-from tests.e2e import write_config
-from tests.fakepypi import FakePyPI
+from mirror.ops.progress import ProgressLine, terminal_progress, wanted
+from tests.harness.e2e import write_config
+from tests.harness.fakepypi import FakePyPI
 
 
 class Clock:

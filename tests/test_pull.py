@@ -15,17 +15,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from mirror import changes, cli, pull
+from mirror import layout
+from mirror import cli
+from mirror.downstream import changes
+from mirror.downstream import pull
 from mirror.config import Config
 from mirror.errors import PullError
-from mirror.lock import DirectoryLock
+from mirror.publish.lock import DirectoryLock
 from mirror.metrics import Metrics
-from mirror.rsync import Result, Rsync
-from mirror.trace import parse_trace
-from tests.consistency import check_tree
-from tests.e2e import make_config
-from tests.fakepypi import FakePyPI
-from tests.rsyncd import rsync_daemon
+from mirror.downstream.rsync import Result, Rsync
+from mirror.downstream.trace import parse_trace
+from mirror.layout import PullLayout
+from tests.harness.consistency import check_tree
+from tests.harness.e2e import make_config
+from tests.harness.fakepypi import FakePyPI
+from tests.harness.rsyncd import rsync_daemon
 
 PAGES = ("index.html", "index.v1_html", "index.v1_json")
 
@@ -263,7 +267,7 @@ def test_pull_cli(upstream: FakePyPI, primary: Primary, tmp_path: Path, daemon: 
     assert "Unknown module" in err and "Traceback" not in err
     assert cli.main(["pull", source, str(dest), "--name", "../evil"]) == 2
     # The index every pull reads is there on the primary.
-    assert changes.parse_index((primary.web / changes.INDEX).read_bytes())[1]
+    assert changes.parse_index((primary.web / layout.CHANGES_INDEX).read_bytes())[1]
 
 
 async def test_a_huge_cycle_makes_secondaries_copy_everything(
@@ -387,5 +391,5 @@ def test_a_local_disk_error_is_one_clear_line(
     err = capsys.readouterr().err
     assert "trace/second" in err and "Traceback" not in err
     assert check_tree(dest) == []
-    with DirectoryLock(dest / pull.WORK / "lock"):  # another pull is running
+    with DirectoryLock(PullLayout(dest).lock):  # another pull is running
         assert cli.main(["pull", source, str(dest), "--name", "other"]) == 3

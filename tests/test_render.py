@@ -12,7 +12,7 @@ from urllib.parse import urldefrag, urljoin
 import pytest
 
 from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, RootEntry, Serial
-from mirror.render import (
+from mirror.publish.render import (
     API_VERSION,
     project_api_json,
     project_html,
@@ -574,6 +574,7 @@ def test_api_minimal() -> None:
         ),
         rf(filename="foo-2.0.tar.gz", path="packages/b/foo-2.0.tar.gz", yanked=""),
         rf(filename="foo-2.0.win32.exe", path="packages/c/foo-2.0.win32.exe"),
+        rf(filename="foo-nightly.exe", path="packages/d/foo-nightly.exe"),
         versions=("1.0", "3.0"),
         serial=Serial(8),
     )
@@ -595,14 +596,17 @@ def test_api_minimal() -> None:
         "yanked": True,
         "yanked_reason": "bad",
     }
-    (sd,) = doc["releases"]["2.0"]
+    # The version comes from the filename as the filters read it, so a
+    # bdist_wininst installer is filed with its release.
+    sd, installer = doc["releases"]["2.0"]
     assert (sd["packagetype"], sd["yanked"], sd["yanked_reason"]) == (
         "sdist",
         True,
         None,
     )
-    (exe,) = doc["releases"][""]
-    assert exe["filename"] == "foo-2.0.win32.exe"
+    assert installer["filename"] == "foo-2.0.win32.exe"
+    (exe,) = doc["releases"][""]  # no version in the name at all
+    assert exe["filename"] == "foo-nightly.exe"
     assert exe["packagetype"] is None
 
 

@@ -17,14 +17,16 @@ from pathlib import Path
 import pytest
 
 from bench.seed import seed_state
-from mirror import cli, render
+from mirror import cli
+from mirror.publish import render
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName, RootEntry, Serial
-from mirror.rootindex import write_root
-from mirror.state import State
-from mirror.tree import Tree
-from tests.e2e import make_config
-from tests.fakepypi import FakePyPI
+from mirror.publish.rootindex import write_root
+from mirror.publish.state import State
+from mirror.publish.tree import Tree
+from mirror.layout import Layout
+from tests.harness.e2e import make_config
+from tests.harness.fakepypi import FakePyPI
 
 PROJECTS = 20_000
 
@@ -84,8 +86,8 @@ def test_iter_root_is_the_whole_pages_in_pieces(entries: list[RootEntry], batch:
 
 def test_write_root_publishes_what_the_state_lists(tmp_path: Path) -> None:
     serial = seed_state(tmp_path, 2_500, files=False, root=False)
-    tree = Tree(tmp_path)
-    state = State.open(tmp_path / "state")
+    tree = Tree.at(Layout(tmp_path))
+    state = State.open(Layout(tmp_path).db)
     try:
         entries = list(state.root_entries())
         # The trio thread's connection stays open, as during a sync.

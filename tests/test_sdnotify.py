@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from mirror.sdnotify import Notifier, socket_address, watchdog_interval
+from mirror.ops.sdnotify import Notifier, socket_address, watchdog_interval
 
 
 @pytest.fixture

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from mirror import cli
-from mirror.lock import DirectoryLock, lock_holder
+from mirror.publish.lock import DirectoryLock, lock_holder
 from mirror.metrics import Metrics
-from mirror.state import State
-from mirror.status import FailedProject, Status, human_bytes, human_duration, render_text
-from tests.e2e import make_config, write_config
-from tests.fakepypi import FakePyPI
+from mirror.publish.state import State
+from mirror.ops.status import FailedProject, Status, human_bytes, human_duration, render_text
+from mirror.layout import Layout
+from tests.harness.e2e import make_config, write_config
+from tests.harness.fakepypi import FakePyPI
 
 
 def status_json(conf: Path, capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]
@@ -40,7 +41,7 @@ async def test_status_reports_failures_then_recovery(
     assert set(report.failed) == {"proj-1"}
 
     doc = status_json(conf, capsys)
-    state = State.open(tmp_path / "m" / "state")
+    state = State.open(Layout(tmp_path / "m").db)
     files, nbytes = state.tree_totals()
     assert files > 0 and (doc["tree_files"], doc["tree_bytes"]) == (files, nbytes)
     assert doc["upstream_serial"] == upstream.serial == doc["serial"]
@@ -188,7 +189,7 @@ def test_status_probes_never_make_a_starting_sync_fail(tmp_path: Path) -> None:
         [sys.executable, "-c",
          "import sys, time\n"
          "from pathlib import Path\n"
-         "from mirror.lock import lock_holder\n"
+         "from mirror.publish.lock import lock_holder\n"
          "lock, n, end = Path(sys.argv[1]), 0, time.monotonic() + 20\n"
          "print('go', flush=True)\n"
          "while time.monotonic() < end:\n"

@@ -13,12 +13,13 @@ import trio
 
 from mirror import cli
 from mirror.config import Config
-from mirror.lock import DirectoryLock
+from mirror.publish.lock import DirectoryLock
 from mirror.metrics import Metrics
-from mirror.state import State
-from tests.consistency import check_tree
-from tests.e2e import clean_pip_env, make_config, static_server, write_config
-from tests.fakepypi import FakePyPI
+from mirror.publish.state import State
+from mirror.layout import Layout
+from tests.harness.consistency import check_tree
+from tests.harness.e2e import clean_pip_env, make_config, static_server, write_config
+from tests.harness.fakepypi import FakePyPI
 
 
 def populate(up: FakePyPI, n: int = 6) -> None:
@@ -74,7 +75,7 @@ async def test_first_sync_publishes_a_consistent_tree(
     prov = [f for f in p0["files"] if f["provenance"]]
     assert prov and all(f["provenance"].startswith("../../packages/") for f in prov)
     assert (web / "last-modified").exists()
-    files, nbytes = State.open(cfg.mirror.directory / "state").tree_totals()
+    files, nbytes = State.open(Layout(cfg.mirror.directory).db).tree_totals()
     assert files == report.files_downloaded and nbytes == report.bytes_downloaded
 
 
@@ -133,7 +134,7 @@ async def test_incremental_changes(upstream: FakePyPI, cfg: Config) -> None:
     assert removed_file not in filenames(web, "pkg-1")
     # unreferenced files are kept (grace period) and recorded for retirement
     assert removed_path.exists()
-    state = State.open(cfg.mirror.directory / "state")
+    state = State.open(Layout(cfg.mirror.directory).db)
     retired = {r[0] for r in state.db.execute("SELECT path FROM retire")}
     assert removed_rel in retired
     yanked = [f for f in page(web, "pkg-2")["files"] if "-1.0" in f["filename"]]
@@ -177,7 +178,7 @@ async def test_stale_project_is_deferred_without_blocking_others(
     assert any("9.0" in f for f in filenames(web, "pkg-2"))
     assert not any("9.0" in f for f in filenames(web, "pkg-1"))
     assert check_tree(web) == []
-    state = State.open(cfg.mirror.directory / "state")
+    state = State.open(Layout(cfg.mirror.directory).db)
     assert [f[0] for f in state.failures()] == ["pkg-1"]
     assert state.synced_serial() < upstream.serial
     upstream.clear_faults()
@@ -374,7 +375,7 @@ async def test_root_is_rewritten_after_a_kill_before_the_root_step(
         return None
 
     with monkeypatch.context() as m:
-        m.setattr("mirror.sync.Syncer.publish_root", killed)
+        m.setattr("mirror.sync.cycle.Syncer.publish_root", killed)
         await sync(cfg)
     root = json.loads((web / "simple/index.v1_json").read_bytes())
     assert "late-comer" not in {p["name"] for p in root["projects"]}

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from mirror import transport
-from mirror.upstream import open_client
-from tests.e2e import make_config
+from mirror.upstream import transport
+from mirror.upstream.transport import open_client
+from tests.harness.e2e import make_config
 
 
 async def test_the_client_uses_the_probe_skipping_pool(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`mirror.tree.Tree` (the only writer under web/) and `mirror.state.State`."""
+"""`mirror.publish.tree.Tree` (the only writer under web/) and `mirror.publish.state.State`."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ import pytest
 
 from mirror.errors import UnsafePath
 from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, Serial
-from mirror.state import State, decode_snapshot, encode_snapshot
-from mirror.tree import Tree
+from mirror.publish.state import State, decode_snapshot, encode_snapshot
+from mirror.publish.tree import Tree
+from mirror.layout import Layout
 
 # -- Tree ---------------------------------------------------------------------------
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Tree:
-    t = Tree(tmp_path / "mirror")
+    t = Tree.at(Layout(tmp_path / "mirror"))
     t.prepare()
     return t
 
@@ -36,11 +37,11 @@ def all_files(root: Path) -> list[str]:
 
 
 def test_prepare_creates_layout(tmp_path: Path) -> None:
-    t = Tree(tmp_path / "mirror")
+    t = Tree.at(Layout(tmp_path / "mirror"))
     assert t.prepare() == 0
     assert t.web.is_dir()
     assert t.tmp.is_dir()
-    assert t.tmp.parent.parent == t.directory
+    assert t.tmp.parent.parent == tmp_path / "mirror"
     assert t.web not in t.tmp.parents
 
 
@@ -99,7 +100,7 @@ def test_write_files_links_items_that_share_their_bytes(tree: Tree) -> None:
 def test_write_files_unsafe_path_leaves_nothing(tree: Tree) -> None:
     with pytest.raises(UnsafePath):
         tree.write_files([("../escape.html", b"x")])
-    assert not (tree.directory / "escape.html").exists()
+    assert not (tree.web.parent / "escape.html").exists()
     assert os.listdir(tree.tmp) == []
     assert all_files(tree.web) == []
 
@@ -164,7 +165,7 @@ def test_commit_file_refuses_unsafe_rel(tree: Tree, rel: str) -> None:
     with pytest.raises(UnsafePath):
         tree.commit_file(tmp, rel)
     assert all_files(tree.web) == []
-    assert sorted(p.name for p in tree.directory.iterdir()) == ["state", "web"]
+    assert sorted(p.name for p in tree.web.parent.iterdir()) == ["state", "web"]
 
 
 @pytest.mark.parametrize("rel", ["../x", "/abs", "a/../b"])
@@ -202,7 +203,7 @@ def test_remembered_directory_removed_by_hand_is_created_again(tree: Tree) -> No
 
 def test_pruned_directory_is_not_remembered(tree: Tree) -> None:
     tree.commit_file(temp_with(tree, b"1"), "packages/ab/one.whl")
-    assert tree.remove(["packages/ab/one.whl"]) == 1
+    assert len(tree.remove(["packages/ab/one.whl"])) == 1
     assert not (tree.web / "packages").exists()
     tree.commit_file(temp_with(tree, b"2"), "packages/ab/two.whl")
     assert (tree.web / "packages/ab/two.whl").read_bytes() == b"2"
@@ -226,11 +227,11 @@ def test_remove_prunes_empty_parents_but_not_web(tree: Tree) -> None:
         ("packages/ab/two.whl", b"2"),
         ("simple/demo/index.html", b"p"),
     ])
-    assert tree.remove(["packages/ab/cd/one.whl"]) == 1
+    assert len(tree.remove(["packages/ab/cd/one.whl"])) == 1
     assert not (tree.web / "packages/ab/cd").exists()
     assert (tree.web / "packages/ab/two.whl").exists()
 
-    assert tree.remove(["packages/ab/two.whl", "packages/ab/missing.whl", "simple/demo/index.html"]) == 2
+    assert len(tree.remove(["packages/ab/two.whl", "packages/ab/missing.whl", "simple/demo/index.html"])) == 2
     assert not (tree.web / "packages").exists()
     assert not (tree.web / "simple").exists()
     assert tree.web.is_dir()
@@ -239,13 +240,13 @@ def test_remove_prunes_empty_parents_but_not_web(tree: Tree) -> None:
 
 def test_remove_without_prune_keeps_dirs(tree: Tree) -> None:
     tree.write_files([("packages/ab/one.whl", b"1")])
-    assert tree.remove(["packages/ab/one.whl"], prune=False) == 1
+    assert len(tree.remove(["packages/ab/one.whl"], prune=False)) == 1
     assert (tree.web / "packages/ab").is_dir()
 
 
 def test_remove_at_top_level_keeps_web(tree: Tree) -> None:
     tree.write_files([("last-modified", b"x")])
-    assert tree.remove(["last-modified"]) == 1
+    assert len(tree.remove(["last-modified"])) == 1
     assert tree.web.is_dir()
 
 
@@ -273,7 +274,7 @@ def test_adopt(tree: Tree, tmp_path: Path) -> None:
 
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[State]:
-    s = State.open(tmp_path / "state")
+    s = State.open(Layout(tmp_path).db)
     yield s
     s.close()
 
@@ -296,10 +297,10 @@ def todo(state: State) -> dict[str, int]:
 
 
 def test_open_is_idempotent(tmp_path: Path) -> None:
-    s = State.open(tmp_path / "state")
+    s = State.open(Layout(tmp_path).db)
     s.add_todo({"a": 3}, position=9)
     s.close()
-    s2 = State.open(tmp_path / "state")
+    s2 = State.open(Layout(tmp_path).db)
     try:
         assert todo(s2) == {"a": 3}
         assert s2.serial == 9

@@ -1,4 +1,4 @@
-"""`mirror.upstream.Upstream` against an in-process ``httpx.MockTransport``."""
+"""`mirror.upstream.client.Upstream` against an in-process ``httpx.MockTransport``."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from mirror.errors import (
 )
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName
-from mirror.parse import JSON_TYPE
-from mirror.upstream import Upstream
+from mirror.upstream.parse import JSON_TYPE
+from mirror.upstream.client import Upstream
 
 SHA = "0123456789abcdef" * 4
 CFG = UpstreamConfig(url="https://up.test", user_agent="t (a@b.c)", backoff=0.0, xmlrpc_interval=0)

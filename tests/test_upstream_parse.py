@@ -10,7 +10,7 @@ import pytest
 
 from mirror.errors import MalformedResponse, UnsafeName, UnsafePath, UnsafeURL, UnsupportedAPIVersion
 from mirror.model import NormalizedName, file_relpath, normalize_name, safe_relpath
-from mirror.parse import (
+from mirror.upstream.parse import (
     check_api_version,
     file_url,
     header_serial,
@@ -358,7 +358,7 @@ def test_parse_project_json_bad_api_version(api: Any) -> None:
 
 
 def test_parse_project_json_newer_minor_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="mirror.parse"):
+    with caplog.at_level(logging.WARNING, logger="mirror.upstream.parse"):
         snap = pj(jpage(jfile(), api="1.9"))
     assert snap.api_version == "1.9"
     assert len(snap.files) == 1
@@ -367,7 +367,7 @@ def test_parse_project_json_newer_minor_warns(caplog: pytest.LogCaptureFixture) 
 
 @pytest.mark.parametrize("api", ["1.0", "1.4", None])
 def test_parse_project_json_known_minor_silent(api: str | None, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="mirror.parse"):
+    with caplog.at_level(logging.WARNING, logger="mirror.upstream.parse"):
         snap = pj(jpage(api=api))
     assert snap.api_version == (api or "1.0")
     assert caplog.records == []

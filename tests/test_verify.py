@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 
 from mirror import cli
-from mirror.lock import DirectoryLock
-from mirror.state import State
-from mirror.tree import Tree
-from mirror.verify import Verifier, verify
-from tests.e2e import make_config, write_config
-from tests.fakepypi import FakePyPI, populate
-from tests.reliability import mirror_problems
+from mirror.publish.lock import DirectoryLock
+from mirror.publish.state import State
+from mirror.publish.tree import Tree
+from mirror.ops.verify import Verifier, verify
+from mirror.layout import Layout
+from tests.harness.e2e import make_config, write_config
+from tests.harness.fakepypi import FakePyPI, populate
+from tests.harness.reliability import mirror_problems
 
 
 @pytest.fixture
@@ -178,7 +179,7 @@ def test_repair_is_queued_for_a_running_mirror(
         rc, lines, err = run(mirror, "--repair", capsys=capsys)
         assert rc == 1 and f"mirror pid {os.getpid()} is running: queued 2 project(s)" in err
         assert not gone.exists()  # nothing written by verify
-        state = State.open(tmp_path / "m/state")
+        state = State.open(Layout(tmp_path / "m").db)
         assert state.todo_count() == 2
         state.close()
         rc, _, err = run(mirror, "--orphans", "delete", capsys=capsys)
@@ -219,9 +220,9 @@ def test_verify_streams_in_bounded_memory(tmp_path: Path) -> None:
     """25 000 rows whose files are all missing and 1 000 orphans on disk: the
     checks hold one batch (about 1 MB), not one object per problem (5 MB)."""
     directory = tmp_path / "m"
-    tree = Tree(directory)
+    tree = Tree.at(Layout(directory))
     tree.prepare()
-    state = State.open(directory / "state")
+    state = State.open(Layout(directory).db)
     rows = [(f"packages/{i % 256:02x}/{i:06d}/f{i}.whl", 10, "0" * 64) for i in range(25_000)]
     with state.db:
         state.db.executemany("INSERT INTO files(path, size, sha256) VALUES(?, ?, ?)", rows)
@@ -253,7 +254,7 @@ def test_verify_streams_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert report.problems == {"missing": 25_000, "orphan": 1000} and report.repair is None
     assert peak < 5 << 19, f"peak {peak / 1e6:.1f} MB"
-    state = State.open(directory / "state")
+    state = State.open(Layout(directory).db)
     assert state.db.execute("SELECT COUNT(*) FROM files").fetchone() == (0,)
     state.close()
 

@@ -1,0 +1,176 @@
+"""One download attempt: stream a URL into a temp file and prove it is the
+file upstream promised.
+
+An attempt never touches a final path: it returns a ``Verified`` temp file
+(size and sha256 checked, fsynced), or raises ``DownloadError`` and leaves
+no temp behind.  Bytes are hashed while they stream; reading stops at
+``size + 1`` so an upstream cannot fill the disk with an oversized body.
+Disk writes take one thread hop per megabyte-sized batch, so a typical
+40 KB file costs a single hop for write + fsync (+ ``commit``, the caller's
+rename, when given).
+
+The same function runs in the main process and in the helper processes
+(``mirror.fetch.worker``); retries, backoff and the concurrency limit are
+the caller's (``mirror.fetch.downloader``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, cast
+
+import httpx
+import trio
+
+from mirror.errors import DiskError, DownloadError, HashMismatch, SizeMismatch
+from mirror.metrics import Metrics
+from mirror.upstream.retry import classify
+
+FLUSH_BYTES = 1 << 20
+# Total time allowed per attempt: the request timeout plus the file at a
+# pessimistic 64 KB/s, so a stalled-but-trickling upstream is cut off.  When
+# the size is unknown the deadline moves with the bytes received, which asks
+# for the same average rate.
+MIN_RATE = 64 * 1024
+
+Commit = Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class Verified:
+    tmp: Path
+    size: int
+    sha256: str
+
+
+def discard(tmp: Path) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+class _Sink:
+    """Temp file writer whose blocking calls run in worker threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f: BinaryIO | None = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+
+    def _write(self, chunks: list[bytes], final: bool) -> None:
+        if self.f is None:
+            self.f = open(self.path, "wb")
+        for c in chunks:
+            self.f.write(c)
+        if final:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+
+    async def add(self, chunk: bytes) -> None:
+        self.pending.append(chunk)
+        self.pending_bytes += len(chunk)
+        if self.pending_bytes >= FLUSH_BYTES:
+            chunks, self.pending, self.pending_bytes = self.pending, [], 0
+            await trio.to_thread.run_sync(self._write, chunks, False)
+
+    async def finish(self, commit: Commit | None = None) -> None:
+        """Write the rest, fsync, close and (if given) hand the file to
+        ``commit``, all in one thread hop: per small file that hop, not the
+        network, is what bounds a first sync."""
+        chunks, self.pending = self.pending, []
+
+        def done() -> None:
+            self._write(chunks, True)
+            if commit is not None:
+                commit(self.path)
+
+        await trio.to_thread.run_sync(done)
+
+    def close(self) -> None:
+        if self.f is not None and not self.f.closed:
+            try:
+                self.f.close()
+            except OSError:
+                pass  # flushing to a full disk fails again; the temp is discarded next
+
+
+async def attempt(
+    client: httpx.AsyncClient, url: str, tmp: Path, *, sha256: str | None, size: int | None,
+    limit: int | None, timeout: float, metrics: Metrics, commit: Commit | None = None,
+) -> Verified:
+    """Download ``url`` into ``tmp`` once.
+
+    ``sha256=None`` (PEP 658 ``true`` without a hash) means: accept and report
+    the digest we computed.  ``limit`` caps a body whose ``size`` is unknown.
+    ``commit`` (the tree's: this module does not know final paths) is called
+    with the verified, fsynced temp in the same thread hop; ``Verified.tmp``
+    has then been moved by it."""
+    sink = _Sink(tmp)
+    ok = False
+    deadline = timeout + (size or 0) / MIN_RATE
+    try:
+        with trio.move_on_after(deadline) as scope:
+            result = await _stream(client, url, sink, sha256=sha256, size=size, limit=limit, scope=scope,
+                                   timeout=timeout, metrics=metrics, commit=commit)
+            ok = True
+            return result
+        raise DownloadError(url, "timeout", f"body slower than {MIN_RATE // 1024} KB/s after {timeout:g}s")
+    except OSError as e:
+        raise DiskError.of(e, f"writing temp file for {url}") from None
+    finally:
+        if not ok:
+            sink.close()
+            # Shielded so a cancelled download still removes its temp.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(discard, tmp)
+
+
+async def _stream(
+    client: httpx.AsyncClient, url: str, sink: _Sink, *, sha256: str | None, size: int | None,
+    limit: int | None, scope: trio.CancelScope, timeout: float, metrics: Metrics, commit: Commit | None,
+) -> Verified:
+    h = hashlib.sha256()
+    n = 0
+    started = trio.current_time()
+    try:
+        async with client.stream("GET", url) as r:
+            metrics.upstream_requests.labels("file").inc()
+            if r.status_code != 200:
+                raise DownloadError(url, "http_status", f"HTTP {r.status_code}")
+            # Chunks as they arrive (<= 64 KB), so the size check and the
+            # moving deadline see every read.
+            chunks = cast(AsyncGenerator[bytes, None], r.aiter_bytes())
+            try:
+                async for chunk in chunks:
+                    n += len(chunk)
+                    if size is not None and n > size:
+                        # Stop at size + 1: never store more than promised.
+                        raise SizeMismatch(url, size, n)
+                    if size is None:
+                        if limit is not None and n > limit:
+                            raise DownloadError(url, "size_mismatch", f"body exceeds the {limit}-byte limit")
+                        scope.deadline = max(scope.deadline, started + timeout + n / MIN_RATE)
+                    h.update(chunk)
+                    await sink.add(chunk)
+            finally:
+                # Close the generator now rather than at garbage collection,
+                # when trio would warn about an unfinished async generator.
+                await chunks.aclose()
+    except httpx.TransportError as e:
+        raise DownloadError(url, *classify(e)) from None
+    if size is not None and n < size:
+        # A complete HTTP body (a cut one raised RemoteProtocolError
+        # above) that is shorter than the page promised.
+        raise SizeMismatch(url, size, n)
+    digest = h.hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise HashMismatch(url, sha256, digest)
+    await sink.finish(commit)
+    return Verified(sink.path, n, digest)

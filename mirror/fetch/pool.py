@@ -1,0 +1,251 @@
+"""Download processes, the parent's side: file downloads spread over more
+than one CPU.
+
+A first sync is bound by the CPU of the one Python thread that runs the HTTP
+client, the hashing and the event loop, while the second core waits.  With
+``[mirror] download_processes = N`` a large cycle starts N helper processes
+(``python -m mirror.fetch.worker``), each with its own trio loop and pooled
+client.  A helper runs the same ``attempt`` the main process runs: stream
+into a temp file under ``state/tmp``, check size and sha256, fsync, and
+answer with the verified temp file.  It never touches ``web/``: the parent
+commits (renames) the file, so every decision about final paths, the
+publish order and the state stays in one process.
+
+Protocol: length-prefixed pickle frames on the helper's stdin/stdout
+(``send_frame`` and ``FrameReader`` serve both ends).  The first frame is the upstream config.  Then
+``("get", id, url, sha256, size, limit)`` and ``("cancel", id)`` go in;
+``("ok", id, tmp, size, sha256)``, ``("error", id, reason, detail)`` and
+``("disk", id, message)`` come out.  A helper exits when its stdin closes,
+which is also what happens when the parent is killed; it ignores SIGINT
+and SIGTERM so that a stop signal sent to the whole process group lets the
+parent finish its in-flight work as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mirror.errors import DiskError, DownloadError
+from mirror.layout import Layout
+from mirror.upstream.config import UpstreamConfig
+
+log = logging.getLogger(__name__)
+
+HEADER = 4
+# How long a closing pool waits for its helpers to exit before killing them.
+EXIT_GRACE = 5.0
+
+
+class NoWorker(Exception):
+    """No helper process is running; the caller downloads in-process."""
+
+
+async def send_frame(stream: trio.abc.SendStream, lock: trio.Lock, obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    async with lock:
+        await stream.send_all(len(data).to_bytes(HEADER, "big") + data)
+
+
+class FrameReader:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def _fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            chunk = await self.stream.receive_some(1 << 16)
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    async def next(self) -> Any:
+        """The next frame, or ``None`` at end of stream."""
+        if not await self._fill(HEADER):
+            return None
+        n = int.from_bytes(self.buf[:HEADER], "big")
+        if not await self._fill(HEADER + n):
+            return None
+        data = bytes(self.buf[HEADER:HEADER + n])
+        del self.buf[:HEADER + n]
+        return pickle.loads(data)
+
+
+@dataclass
+class _Pending:
+    url: str
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Helper:
+    proc: trio.Process
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    alive: bool = True
+
+
+class FetchPool:
+    """Parent side: hands single download attempts to helper processes."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.helpers: list[_Helper] = []
+        self._ids = itertools.count()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, cfg: UpstreamConfig, layout: Layout, *, processes: int,
+                   workers: int) -> AsyncIterator[FetchPool]:
+        """``workers``: the most attempts in flight at once (the caller's
+        limiter), so that no helper's connection pool makes one wait."""
+        pool = cls(layout)
+        async with trio.open_nursery() as nursery:
+            try:
+                for _ in range(processes):
+                    try:
+                        await pool._spawn(nursery, (cfg, layout, workers, logging.getLogger().level))
+                    except (OSError, trio.BrokenResourceError) as e:
+                        # e.g. a process limit: fewer helpers, or none and
+                        # every download in-process.
+                        log.warning("could not start a download process: %s", e)
+                        break
+                yield pool
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pool._close()
+                nursery.cancel_scope.cancel()
+
+    async def _spawn(self, nursery: trio.Nursery, setup: tuple[UpstreamConfig, Layout, int, int]) -> None:
+        # The helper imports this very package (a source checkout or another
+        # install must not answer instead), and never one in the cwd (-P).
+        here = str(Path(__file__).resolve().parent.parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-P", "-m", "mirror.fetch.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        h = _Helper(proc)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            await send_frame(proc.stdin, h.lock, setup)
+        except trio.BrokenResourceError:
+            proc.kill()
+            await proc.wait()
+            raise
+        self.helpers.append(h)
+        nursery.start_soon(self._read, h)
+
+    async def _read(self, h: _Helper) -> None:
+        assert h.proc.stdout is not None
+        reader = FrameReader(h.proc.stdout)
+        while True:
+            try:
+                frame = await reader.next()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, pickle.UnpicklingError, EOFError):
+                frame = None
+            if frame is None:
+                break
+            try:
+                self._answer(h, frame)
+            except (TypeError, ValueError, IndexError, AssertionError, OSError) as e:
+                log.error("download process %d answered %r (%s); not using it", h.proc.pid, frame, e)
+                break
+        h.alive = False
+        if h.pending:
+            log.error("a download process exited with %d download(s) in flight (pid %d)", len(h.pending), h.proc.pid)
+        for p in h.pending.values():
+            p.error = NoWorker()
+            p.done.set()
+        h.pending.clear()
+
+    def _answer(self, h: _Helper, frame: tuple[Any, ...]) -> None:
+        kind, rid = frame[0], frame[1]
+        p = h.pending.pop(rid, None)
+        if p is None:
+            # Answered after the caller gave up (cancelled): nobody will
+            # commit this temp.
+            if kind == "ok":
+                self._drop(frame[2])
+            return
+        if kind == "ok":
+            tmp, n, digest = frame[2:]
+            p.result = (self._drop(tmp, keep=True), int(n), str(digest))
+        elif kind == "error":
+            p.error = DownloadError(p.url, frame[2], frame[3])
+        elif kind == "disk":
+            p.error = DiskError(frame[2])
+        else:
+            p.error = RuntimeError(f"download process: {frame[2]}")
+        p.done.set()
+
+    def _drop(self, tmp: object, *, keep: bool = False) -> Path:
+        """A temp path a helper named, checked to be one of ours; unlinked
+        unless ``keep``."""
+        path = Path(str(tmp))
+        if not self.layout.is_temp(path):
+            raise ValueError(f"not a temp file: {path}")
+        if not keep:
+            path.unlink(missing_ok=True)
+        return path
+
+    async def attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> tuple[Path, int, str]:
+        """One attempt in the least busy helper: ``(temp, size, sha256)`` of
+        a verified, fsynced temp file.  Raises what ``attempt`` raises, or
+        ``NoWorker``."""
+        live = [h for h in self.helpers if h.alive]
+        if not live:
+            raise NoWorker()
+        h = min(live, key=lambda x: len(x.pending))
+        rid = next(self._ids)
+        p = h.pending[rid] = _Pending(url)
+        assert h.proc.stdin is not None
+        try:
+            await send_frame(h.proc.stdin, h.lock, ("get", rid, url, sha256, size, limit))
+            await p.done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            h.pending.pop(rid, None)
+            h.alive = False
+            raise NoWorker() from None
+        except BaseException:
+            if h.pending.pop(rid, None) is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await send_frame(h.proc.stdin, h.lock, ("cancel", rid))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+            elif p.result is not None:
+                p.result[0].unlink(missing_ok=True)
+            raise
+        if p.error is not None:
+            raise p.error
+        result: tuple[Path, int, str] = p.result
+        return result
+
+    async def _close(self) -> None:
+        for h in self.helpers:
+            assert h.proc.stdin is not None
+            try:
+                await h.proc.stdin.aclose()
+            except trio.BrokenResourceError:
+                pass
+        for h in self.helpers:
+            with trio.move_on_after(EXIT_GRACE):
+                await h.proc.wait()
+            if h.proc.returncode is None:
+                log.warning("download process %d did not exit; killing it", h.proc.pid)
+                h.proc.kill()
+                await h.proc.wait()

@@ -1,0 +1,92 @@
+"""A download helper process: ``python -m mirror.fetch.worker``.
+
+Started by ``mirror.fetch.pool.FetchPool``.  It reads its setup (the
+upstream config, the layout, the pool size, the log level) from the first
+frame on stdin, then runs one ``attempt`` per ``get`` frame and answers each
+with a verified temp file under ``state/tmp``, or the reason it failed.  The
+parent limits, retries and counts; this process only attempts, and never
+writes anywhere but its temp files.
+
+It exits when its stdin closes, which is also what happens when the parent
+is killed, and it ignores SIGINT and SIGTERM: systemd signals the whole
+unit, and the parent must be the one that decides what finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from mirror import __version__
+from mirror.errors import DiskError, DownloadError
+from mirror.fetch.attempt import attempt
+from mirror.fetch.pool import FrameReader, send_frame
+from mirror.metrics import Metrics
+from mirror.upstream.transport import open_client
+
+log = logging.getLogger(__name__)
+
+
+async def serve() -> None:
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    stdout = trio.lowlevel.FdStream(os.dup(1))
+    out_lock = trio.Lock()
+    reader = FrameReader(stdin)
+    first = await reader.next()
+    if first is None:
+        return
+    cfg, layout, workers, level = first
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    scopes: dict[int, trio.CancelScope] = {}
+    # Counted by the parent; these are never read.
+    metrics = Metrics()
+    async with open_client(cfg, workers=workers, version=__version__) as client:
+
+        async def one(rid: int, url: str, sha256: str | None, size: int | None, limit: int | None) -> None:
+            reply: tuple[object, ...] | None = None
+            with trio.CancelScope() as scope:
+                scopes[rid] = scope
+                try:
+                    v = await attempt(client, url, layout.new_temp(), sha256=sha256, size=size, limit=limit,
+                                      timeout=cfg.timeout, metrics=metrics)
+                    reply = ("ok", rid, str(v.tmp), v.size, v.sha256)
+                except DownloadError as e:
+                    reply = ("error", rid, e.reason, e.detail)
+                except DiskError as e:
+                    reply = ("disk", rid, str(e))
+                except Exception as e:  # a bug: reported, not a dead helper
+                    log.exception("download of %s failed", url)
+                    reply = ("bug", rid, f"{type(e).__name__}: {e}")
+            scopes.pop(rid, None)
+            if reply is not None:
+                try:
+                    await send_frame(stdout, out_lock, reply)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if reply[0] == "ok":
+                        Path(str(reply[2])).unlink(missing_ok=True)
+
+        async with trio.open_nursery() as nursery:
+            while (frame := await reader.next()) is not None:
+                if frame[0] == "get":
+                    nursery.start_soon(one, *frame[1:])
+                elif frame[0] == "cancel" and frame[1] in scopes:
+                    scopes[frame[1]].cancel()
+            # stdin closed: the parent is done with us, or gone.
+            nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    trio.run(serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Where everything lives: the one owner of every path under a mirror's
+directory, the served tree (``web/``) and the private state (``state/``).
+
+Other modules never spell a path of their own: they ask a ``Layout`` (a
+primary's directory), a ``PullLayout`` (a secondary's destination), or the
+web-relative helpers below.  bandersnatch's layout is kept, so an operator
+can switch without touching nginx::
+
+    <directory>/
+      web/                          what nginx and rsync serve
+        simple/index.html           root index (PEP 503); index.v1_html is the same bytes
+        simple/index.v1_json        root index (PEP 691)
+        simple/<name>/index.html, index.v1_html, index.v1_json
+        packages/...                files, at the path of PyPI's file URL
+        pypi/<name>/json            legacy JSON API (json_api = true)
+        last-modified
+        changes/<gen>-<epoch>.txt, changes/index.txt
+        trace/<mirror name>         written last
+      state/
+        mirror.sqlite3              the state database (WAL)
+        lock                        flock; the pid of the running instance
+        tmp/                        temp files, on web/'s filesystem (renames are atomic)
+
+Pure: path arithmetic only, no I/O.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+# -- paths relative to web/ ------------------------------------------------------
+
+PACKAGES = "packages/"
+ROOT_PAGES = ("simple/index.html", "simple/index.v1_html", "simple/index.v1_json")
+ROOT_JSON = ROOT_PAGES[2]
+PROJECT_PAGES = ("index.html", "index.v1_html", "index.v1_json")
+LAST_MODIFIED = "last-modified"
+CHANGES = "changes/"
+CHANGES_INDEX = "changes/index.txt"
+TRACES = "trace/"
+# The directories holding one directory of pages per project.
+PAGE_TOPS = ("simple", "pypi")
+TEMP_SUFFIX = ".part"
+
+
+def project_dir(name: str) -> str:
+    return f"simple/{name}"
+
+
+def project_pages(name: str) -> tuple[str, str, str]:
+    """``index.html``, ``index.v1_html`` and ``index.v1_json`` of one project."""
+    return (f"simple/{name}/index.html", f"simple/{name}/index.v1_html", f"simple/{name}/index.v1_json")
+
+
+def api_json(name: str) -> str:
+    """The legacy JSON API document of one project."""
+    return f"pypi/{name}/json"
+
+
+def project_paths(name: str) -> tuple[str, ...]:
+    """Every page a project has under web/ (its simple pages and JSON API)."""
+    return (*project_pages(name), api_json(name))
+
+
+def change_list(epoch: str, generation: int) -> str:
+    return f"{CHANGES}{generation:010d}-{epoch}.txt"
+
+
+def trace(name: str) -> str:
+    return f"{TRACES}{name}"
+
+
+def is_package_path(rel: str) -> bool:
+    """Immutable, content-addressed files (stage 1 of a pull copies these)."""
+    return rel.startswith(PACKAGES)
+
+
+def new_temp_name(suffix: str = "") -> str:
+    return f"{uuid.uuid4().hex}{suffix}{TEMP_SUFFIX}"
+
+
+# -- directories -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A primary mirror's directory (``[mirror] directory``)."""
+
+    directory: Path
+
+    @property
+    def web(self) -> Path:
+        return self.directory / "web"
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state"
+
+    @property
+    def db(self) -> Path:
+        return self.state / "mirror.sqlite3"
+
+    @property
+    def lock(self) -> Path:
+        return self.state / "lock"
+
+    @property
+    def tmp(self) -> Path:
+        """Temp files: inside ``state/`` so rsync never copies a half-written
+        one, on ``web/``'s filesystem so that a rename publishes it atomically."""
+        return self.state / "tmp"
+
+    def new_temp(self, suffix: str = "") -> Path:
+        return self.tmp / new_temp_name(suffix)
+
+    def is_temp(self, path: Path) -> bool:
+        """Is ``path`` a temp file name this layout hands out (and nothing else)?"""
+        return path.parent == self.tmp and path.name.endswith(TEMP_SUFFIX)
+
+
+@dataclass(frozen=True)
+class PullLayout:
+    """A secondary's destination: DEST is the served tree itself, and
+    ``mirror pull`` keeps its work under ``DEST/.~pull~`` (same filesystem)."""
+
+    dest: Path
+
+    WORK = ".~pull~"
+
+    @property
+    def web(self) -> Path:
+        return self.dest
+
+    @property
+    def work(self) -> Path:
+        return self.dest / self.WORK
+
+    @property
+    def stage(self) -> Path:
+        """Pages copied from the source, renamed into DEST once their files are there."""
+        return self.work / "stage"
+
+    @property
+    def meta(self) -> Path:
+        """The source's traces and change lists, as read."""
+        return self.work / "meta"
+
+    @property
+    def tmp(self) -> Path:
+        return self.work / "tmp"
+
+    @property
+    def lock(self) -> Path:
+        return self.work / "lock"

@@ -1,0 +1,64 @@
+"""``[upstream]``: what to follow and how to treat it, parsed and checked."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from mirror.tables import Section
+
+FEEDS = ("changelog", "simple", "auto")
+_CONTACT = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+|https?://\S+")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "https://pypi.org"
+    feed: str = "auto"
+    timeout: float = 30.0
+    user_agent: str = ""
+    allow_http: bool = False
+    retries: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    stale_retries: int = 4
+    xmlrpc_interval: float = 1.0
+    max_page_bytes: int = 64 * 1024 * 1024
+    # A file listed without a size (PEP 503 HTML, PEP 691 1.0) is cut here,
+    # so an endless body cannot fill the disk.
+    max_unknown_file_bytes: int = 10 * 1024**3
+
+
+def parse_upstream(s: Section) -> UpstreamConfig:
+    d = UpstreamConfig()
+    url = s.string("url", d.url).rstrip("/")
+    allow_http = s.boolean("allow_http", d.allow_http)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise s.error("url", f"expected an http(s) URL, got {url!r}")
+    if parts.scheme == "http" and not allow_http:
+        raise s.error("url", f"plain http upstream {url!r} refused; set upstream.allow_http = true to allow it")
+    feed = s.string("feed", d.feed)
+    if feed not in FEEDS:
+        raise s.error("feed", f"expected one of {', '.join(FEEDS)}, got {feed!r}")
+    ua = s.string("user_agent", d.user_agent).strip()
+    if not _CONTACT.search(ua):
+        raise s.error("user_agent", "must include a contact (an e-mail address or a URL) "
+                                    f"so the upstream can reach you, got {ua!r}")
+    cfg = UpstreamConfig(
+        url=url,
+        feed=feed,
+        timeout=s.number("timeout", d.timeout, minimum=0.001),
+        user_agent=ua,
+        allow_http=allow_http,
+        retries=s.integer("retries", d.retries),
+        backoff=s.number("backoff", d.backoff),
+        max_backoff=s.number("max_backoff", d.max_backoff),
+        stale_retries=s.integer("stale_retries", d.stale_retries),
+        xmlrpc_interval=s.number("xmlrpc_interval", d.xmlrpc_interval),
+        max_page_bytes=s.integer("max_page_bytes", d.max_page_bytes, minimum=1024),
+        max_unknown_file_bytes=s.integer("max_unknown_file_bytes", d.max_unknown_file_bytes, minimum=1024),
+    )
+    s.done()
+    return cfg

@@ -1,0 +1,58 @@
+"""A real ``rsync --daemon`` on 127.0.0.1 for tests, configured from the shipped
+``conf/rsyncd.conf`` (only what needs root, and the module path, are changed)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.harness.e2e import free_port, stop_process, wait_listening
+
+SHIPPED = Path(__file__).resolve().parent.parent.parent / "conf" / "rsyncd.conf"
+
+
+def daemon_config(web: Path, workdir: Path) -> str:
+    """The shipped config with the module pointing at ``web`` and no root-only options."""
+    text = SHIPPED.read_text()
+    text = re.sub(r"(?m)^(uid|gid) = .*\n", "", text)
+    text = re.sub(r"(?m)^use chroot = .*$", "use chroot = no", text)
+    text = re.sub(r"(?m)^pid file = .*$", f"pid file = {workdir / 'rsyncd.pid'}", text)
+    text = re.sub(r"(?m)^log file = .*$", f"log file = {workdir / 'rsyncd.log'}", text)
+    text, n = re.subn(r"(?m)^(\s*)path = .*$", rf"\g<1>path = {web}", text)
+    assert n == 1, "conf/rsyncd.conf must define exactly one module path"
+    return text
+
+
+@contextmanager
+def rsync_daemon(web: Path, workdir: Path) -> Iterator[str]:
+    """Serve ``web`` as module ``pypi``; yields ``rsync://127.0.0.1:PORT/pypi/``."""
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (.ci/run installs it)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "rsyncd.conf"
+    conf.write_text(daemon_config(web, workdir))
+    for _ in range(5):  # the free port can be taken before rsync binds it
+        port = free_port()
+        proc = subprocess.Popen(
+            ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={port}", "--address=127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        if wait_listening(port, proc, time.monotonic() + 10):
+            break
+        proc.kill()
+        proc.wait(timeout=5)
+    else:
+        raise RuntimeError("rsync --daemon did not start")
+    try:
+        yield f"rsync://127.0.0.1:{port}/pypi/"
+    finally:
+        stop_process(proc)
+        if proc.stderr is not None:
+            proc.stderr.close()
