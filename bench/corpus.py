@@ -6,6 +6,8 @@ Layout under ``root``::
     packages/.../<filename>.metadata                 PEP 658 sidecar (wheels)
     simple/<name>/index.v1_json                      PEP 691 project page
     simple/index.v1_json                             PEP 691 root
+    pypi/<name>/json                                 legacy JSON API (what bandersnatch reads)
+    serials.map                                      nginx map: URI -> X-PyPI-Last-Serial
     feed.json                                        what the XML-RPC server answers
     manifest.json                                    every URL path, size and sha256
 
@@ -77,6 +79,22 @@ def page(name: str, serial: int, files: list[dict[str, object]], versions: list[
     }).encode()
 
 
+def api_document(name: str, serial: int, files: list[dict[str, object]], versions: list[str]) -> bytes:
+    """``/pypi/<name>/json`` for the same files (PyPI's legacy JSON API)."""
+    releases: dict[str, list[dict[str, object]]] = {v: [] for v in versions}
+    for f in files:
+        version = str(f["filename"]).split("-")[1].removesuffix(".tar.gz")
+        releases.setdefault(version, []).append({
+            "filename": f["filename"], "url": f["url"], "size": f["size"],
+            "digests": {"sha256": f["hashes"]["sha256"]},  # type: ignore[index]
+            "upload_time_iso_8601": f["upload-time"], "requires_python": f["requires-python"],
+            "packagetype": "bdist_wheel" if str(f["filename"]).endswith(".whl") else "sdist",
+            "yanked": False, "yanked_reason": None, "core-metadata": f["core-metadata"],
+        })
+    return json.dumps({"info": {"name": name, "version": versions[-1] if versions else ""},
+                       "last_serial": serial, "releases": releases, "urls": []}).encode()
+
+
 def add_file(root: Path, name: str, version: str, *, wheel: bool, content: bytes) -> tuple[dict[str, object], list[tuple[str, int, str]]]:
     """Write one file (and its sidecar) under ``root``; return its page entry and manifest rows."""
     dist = name.replace("-", "_")
@@ -100,6 +118,7 @@ def generate(root: Path, *, files: int, seed: int, median: int = 40_000, tail: i
     manifest: list[tuple[str, int, str]] = []
     listing: dict[str, int] = {}
     roots: list[dict[str, object]] = []
+    serial_map: list[str] = []
     i = serial = project = 0
     while i < files:
         name = f"bench-{project:05d}"
@@ -119,10 +138,14 @@ def generate(root: Path, *, files: int, seed: int, median: int = 40_000, tail: i
         listing[display] = serial
         roots.append({"name": display, "_last-serial": serial})
         _write(root / "simple" / name / "index.v1_json", page(name, serial, entries, versions))
+        _write(root / "pypi" / name / "json", api_document(display, serial, entries, versions))
+        serial_map += [f"/simple/{name}/ {serial};", f"/simple/{name}/index.v1_json {serial};",
+                       f"/pypi/{name}/json {serial};"]
         project += 1
     _write(root / "simple" / "index.v1_json",
            json.dumps({"meta": {"api-version": API, "_last-serial": serial}, "projects": roots}).encode())
     _write(root / "feed.json", json.dumps({"serial": serial, "listing": listing}).encode())
+    _write(root / "serials.map", ("\n".join(serial_map) + "\n").encode())
     _write(root / "manifest.json", json.dumps(manifest).encode())
     sidecars = sum(1 for p, _, _ in manifest if p.endswith(".metadata"))
     ordered = sorted(sizes)

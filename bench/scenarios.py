@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import corpus
+from bench import corpus, references
 from bench.driver import child_pids, proc_status
 from bench.seed import seed_state, seeded_project
 from bench.upstream import Upstream
@@ -121,12 +121,16 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool, rounds: int = 3) -> dict[str, Any]:
-    """raw, raw+disk and ``mirror sync`` on one corpus, ``rounds`` times in turn.
+def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool, rounds: int = 3,
+                 bandersnatch: str | None = None, floors: bool = False) -> dict[str, Any]:
+    """Every contender on one corpus, ``rounds`` times in turn.
 
-    Interleaved rounds and medians, because on a shared machine the same
-    command's wall time drifts by tens of percent within minutes; each
-    round's ratio compares runs made back to back."""
+    Per round: the raw httpx baseline, the curl baseline, bandersnatch (when
+    ``bandersnatch`` names its binary), ``mirror sync`` and, with ``floors``,
+    raw+disk in one and in two processes.  Interleaved rounds and medians,
+    because on a shared machine the same command's wall time drifts by tens
+    of percent within minutes; each round's ratios compare runs made back to
+    back."""
     root = work / "corpus"
     t0 = time.perf_counter()
     stats = corpus.generate(root, files=files, seed=seed)
@@ -135,37 +139,48 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
     n_urls = stats.files + stats.sidecars
     out: dict[str, Any] = {"corpus": {**stats.__dict__, "urls": n_urls, "generate_s": gen}, "rounds": rounds,
                            "download_processes": default_download_processes()}
-    runs: dict[str, list[dict[str, Any]]] = {"raw": [], "raw_disk": [], "raw_disk_2": [], "mirror": []}
+    keys = ["raw", "curl", *(["bandersnatch"] if bandersnatch else []), "mirror",
+            *(["raw_disk", "raw_disk_2"] if floors else [])]
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
     with Upstream(root, work / "run-sync") as up:
         out["server"] = up.server
         py = sys.executable
+        raw_cmd = [py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest), "--concurrency", str(workers)]
         for n in range(rounds):
             print(f"sync: round {n + 1}/{rounds} ...", file=sys.stderr, flush=True)
             settle()
-            raw = run_child([py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
-                             "--concurrency", str(workers)])
+            raw = run_child(raw_cmd)
             if raw["rc"] != 0:
                 raise RuntimeError(f"raw baseline failed: {raw['stdout'][-2000:]}")
             runs["raw"].append(_rates(raw, n_urls, stats.bytes))
             up.traffic()
-            disk_dir = work / "raw-disk"
+
+            curl_dir = work / "curl"
+            shutil.rmtree(curl_dir, ignore_errors=True)
+            cmd = references.curl_command(up.url, manifest, curl_dir, concurrency=workers)
             settle()
-            rawd = run_child([py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
-                              "--concurrency", str(workers), "--disk", str(disk_dir)])
-            shutil.rmtree(disk_dir, ignore_errors=True)
-            runs["raw_disk"].append(_rates(rawd, n_urls, stats.bytes))
+            c = run_child(cmd)
+            if c["rc"] != 0:
+                raise RuntimeError(f"curl baseline failed ({c['rc']}): {c['stdout'][-2000:]}")
+            runs["curl"].append(_rates(c, n_urls, stats.bytes))
+            shutil.rmtree(curl_dir, ignore_errors=True)
             up.traffic()
-            # The same work split over two processes (one GIL each): the floor
-            # of any durable design on this machine, however it is built.
-            settle()
-            rawd2 = run_children([[py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
-                                   "--concurrency", str(max(1, workers // 2)), "--disk", str(disk_dir / str(k)),
-                                   "--shard", f"{k}/2"] for k in range(2)])
-            shutil.rmtree(disk_dir, ignore_errors=True)
-            if rawd2["rc"] != 0:
-                raise RuntimeError(f"raw+disk x2 failed: {rawd2['stdout'][-2000:]}")
-            runs["raw_disk_2"].append(_rates(rawd2, n_urls, stats.bytes))
-            up.traffic()
+
+            if bandersnatch:
+                bdir = work / "bandersnatch"
+                shutil.rmtree(bdir, ignore_errors=True)
+                bdir.mkdir()
+                bconf = references.bandersnatch_config(work / "bandersnatch.conf", up.url, bdir)
+                settle()
+                b = run_child(references.bandersnatch_command(bandersnatch, bconf))
+                got = references.count_files(bdir / "web" / "packages")
+                if b["rc"] != 0 or got != (n_urls, stats.bytes):
+                    raise RuntimeError(f"bandersnatch exited {b['rc']} holding {got} (want {(n_urls, stats.bytes)})")
+                m = _rates(b, n_urls, stats.bytes)
+                m["upstream_by_kind"] = up.traffic().by_kind
+                runs["bandersnatch"].append(m)
+                shutil.rmtree(bdir, ignore_errors=True)
+
             mdir = work / "mirror-sync"
             shutil.rmtree(mdir, ignore_errors=True)
             cfg = write_config(work / "sync.toml", up.url, mdir, workers=workers, xmlrpc_interval=0)
@@ -181,17 +196,38 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
             runs["mirror"].append(m)
             if not keep:
                 shutil.rmtree(mdir, ignore_errors=True)
+
+            if floors:
+                disk_dir = work / "raw-disk"
+                settle()
+                rawd = run_child([*raw_cmd, "--disk", str(disk_dir)])
+                shutil.rmtree(disk_dir, ignore_errors=True)
+                runs["raw_disk"].append(_rates(rawd, n_urls, stats.bytes))
+                up.traffic()
+                settle()
+                rawd2 = run_children([[py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
+                                       "--concurrency", str(max(1, workers // 2)), "--disk", str(disk_dir / str(k)),
+                                       "--shard", f"{k}/2"] for k in range(2)])
+                shutil.rmtree(disk_dir, ignore_errors=True)
+                if rawd2["rc"] != 0:
+                    raise RuntimeError(f"raw+disk x2 failed: {rawd2['stdout'][-2000:]}")
+                runs["raw_disk_2"].append(_rates(rawd2, n_urls, stats.bytes))
+                up.traffic()
     for key, rs in runs.items():
         out[key] = _median_run(rs)
+        out[key]["cpu_ms_per_file"] = 1000 * out[key]["cpu"] / n_urls
     out["mirror"]["upstream_by_kind"] = runs["mirror"][-1]["upstream_by_kind"]
-    out["ratios"] = [{"mirror/raw": m["wall"] / r["wall"], "mirror/raw+disk": m["wall"] / d["wall"],
-                      "raw+disk/raw": d["wall"] / r["wall"], "raw+disk x2/raw": d2["wall"] / r["wall"]}
-                     for r, d, d2, m in zip(runs["raw"], runs["raw_disk"], runs["raw_disk_2"], runs["mirror"],
-                                            strict=True)]
-    out["ratio"] = statistics.median(x["mirror/raw"] for x in out["ratios"])
-    out["ratio_disk"] = statistics.median(x["mirror/raw+disk"] for x in out["ratios"])
-    out["ratio_floor"] = statistics.median(x["raw+disk/raw"] for x in out["ratios"])
-    out["ratio_floor_2"] = statistics.median(x["raw+disk x2/raw"] for x in out["ratios"])
+    ratios = []
+    for i in range(rounds):
+        m, r, c = runs["mirror"][i], runs["raw"][i], runs["curl"][i]
+        x = {"mirror/curl": m["wall"] / c["wall"], "mirror/raw": m["wall"] / r["wall"]}
+        if bandersnatch:
+            x["bandersnatch/mirror"] = runs["bandersnatch"][i]["wall"] / m["wall"]
+            x["mirror/bandersnatch"] = m["wall"] / runs["bandersnatch"][i]["wall"]
+        ratios.append(x)
+    out["ratios"] = ratios
+    for k in ratios[0]:
+        out[k] = statistics.median(x[k] for x in ratios)
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     return out

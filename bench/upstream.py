@@ -1,9 +1,10 @@
 """The benchmark's upstream: nginx for pages and files, a small Python server for XML-RPC.
 
 nginx (Debian's ``/usr/sbin/nginx``) serves everything static at full speed:
-``/packages/...`` files and ``/simple/...`` PEP 691 pages (the page carries
-``meta._last-serial``; nginx cannot send ``X-PyPI-Last-Serial``, and the
-mirror falls back to the JSON field).  nginx cannot answer XML-RPC, so it
+``/packages/...`` files, ``/simple/...`` PEP 691 pages and the legacy
+``/pypi/<name>/json`` API, each page with its ``X-PyPI-Last-Serial`` header
+(from the corpus' ``serials.map``, as PyPI sends it; bandersnatch refuses a
+page without it).  nginx cannot answer XML-RPC, so it
 proxies ``POST /pypi`` to ``FeedServer`` (a ``ThreadingHTTPServer`` in its
 own process).  The mirror only ever talks to nginx, so nginx's access log
 (method, URI, status, request bytes, response bytes) counts every upstream
@@ -152,11 +153,15 @@ http {{
     client_body_temp_path {run}/body; proxy_temp_path {run}/proxy;
     fastcgi_temp_path {run}/fastcgi; uwsgi_temp_path {run}/uwsgi; scgi_temp_path {run}/scgi;
     upstream feed {{ server 127.0.0.1:{feed_port}; keepalive 8; }}
+    map_hash_bucket_size 128;
+    map_hash_max_size 1048576;
+    map $uri $pypi_serial {{ default ""; {serials} }}
     server {{
         listen 127.0.0.1:{port};
         root {root};
         access_log {run}/access.log bench;
-        location /simple/ {{ index index.v1_json; }}
+        location /simple/ {{ index index.v1_json; add_header X-PyPI-Last-Serial $pypi_serial always; }}
+        location /pypi/ {{ default_type application/json; add_header X-PyPI-Last-Serial $pypi_serial always; }}
         location = /pypi {{
             proxy_pass http://feed;
             proxy_http_version 1.1;
@@ -221,6 +226,7 @@ class Upstream:
         conf = self.run / "nginx.conf"
         conf.write_text(_NGINX_CONF.format(
             run=self.run, root=self.root, port=self.port, feed_port=self.feed_port,
+            serials=f"include {self.root / 'serials.map'};" if (self.root / "serials.map").exists() else "",
             user="user root root;" if os.geteuid() == 0 else "",
         ))
         (self.run / "access.log").touch()
@@ -277,7 +283,7 @@ class Upstream:
         t = Traffic(0, 0, 0, {})
         for line in data[:end].decode(errors="replace").splitlines():
             method, uri, _status, req_len, sent = line.split(" ")
-            kind = "feed" if uri == "/pypi" else "page" if uri.startswith("/simple/") else "file"
+            kind = "feed" if uri == "/pypi" else "page" if uri.startswith(("/simple/", "/pypi/")) else "file"
             t.requests += 1
             t.request_bytes += int(req_len)
             t.response_bytes += int(sent)

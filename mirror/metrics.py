@@ -38,6 +38,12 @@ class Metrics:
         self.cycles = Counter("mirror_cycles_total", "Sync cycles by outcome.", ["outcome"], registry=r)
         for o in ("ok", "partial", "error"):
             self.cycles.labels(o)
+        self.barrier_duration = Histogram(
+            "mirror_barrier_duration_seconds",
+            "Time to make a batch of files and pages durable (one syncfs).",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf")),
+            registry=r,
+        )
         self.files_downloaded = Counter("mirror_files_downloaded_total", "Files downloaded and verified.", registry=r)
         self.bytes_downloaded = Counter("mirror_bytes_downloaded_total", "Bytes of verified files downloaded.", registry=r)
         self.download_errors = Counter(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import json
 import logging
@@ -242,17 +241,17 @@ async def test_a_full_disk_backs_off_and_recovers(
 ) -> None:
     populate(upstream, 2)
     cfg = make_config(upstream.url, tmp_path / "m", daemon={"poll_interval": 0.1}, metrics={"listen": ""})
-    real = Tree.commit_file
+    real = Tree.place
     calls = []
 
-    def flaky(self: Tree, tmp: Path, rel: str, **kw: Any) -> None:
+    def flaky(self: Tree, tmp: Path, rel: str) -> None:
         calls.append(rel)
         if len(calls) == 1:
             self.discard(tmp)
             raise DiskError(f"publishing {rel}: No space left on device")
-        real(self, tmp, rel, **kw)
+        real(self, tmp, rel)
 
-    monkeypatch.setattr(Tree, "commit_file", flaky)
+    monkeypatch.setattr(Tree, "place", flaky)
     metrics = Metrics()
     daemon = Daemon(cfg, config_path=None, metrics=metrics, handle_signals=False)
 
@@ -281,13 +280,13 @@ async def test_hard_deadline_when_a_thread_never_returns(
     release = threading.Event()
     entered = threading.Event()
 
-    def hung_disk(self: Tree, tmp: Path, rel: str, **kw: Any) -> None:
+    def hung_disk(self: Tree, tmp: Path, rel: str) -> None:
         entered.set()
         release.wait(20)  # a rename on a wedged disk: no cancellation reaches it
         self.discard(tmp)
         raise DiskError("I/O error")
 
-    monkeypatch.setattr(Tree, "commit_file", hung_disk)
+    monkeypatch.setattr(Tree, "place", hung_disk)
     monkeypatch.setattr(daemon_module, "HARD_GRACE", 0.3)
     exits: list[tuple[int, float]] = []
 
@@ -308,11 +307,11 @@ async def test_hard_deadline_when_a_thread_never_returns(
 def test_cli_reports_errors_from_worker_tasks_without_a_traceback(
     upstream: FakePyPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def full(self: Tree, tmp: Path, rel: str, **kw: Any) -> None:
+    def full(self: Tree, tmp: Path, rel: str) -> None:
         self.discard(tmp)
         raise DiskError(f"publishing {rel}: No space left on device")
 
-    monkeypatch.setattr(Tree, "commit_file", full)
+    monkeypatch.setattr(Tree, "place", full)
     populate(upstream, 2)
     conf = write_config(tmp_path / "mirror.toml", upstream.url, tmp_path / "m")
     assert cli.main(["sync", "--config", str(conf)]) == 5

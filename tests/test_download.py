@@ -18,6 +18,7 @@ from mirror.fetch.downloader import Downloader
 from mirror.errors import DownloadError, HashMismatch, SizeMismatch
 from mirror.metrics import Metrics
 from mirror.publish.tree import Tree
+from mirror.upstream.files import HttpxFiles
 from mirror.layout import Layout
 
 URL = "https://files.test/packages/ab/cd/demo-1.0.tar.gz"
@@ -49,7 +50,7 @@ class Env:
             return handler(request)
 
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(record))
-        self.dl = Downloader(self.client, self.tree.tmp, cfg=cfg, metrics=self.metrics,
+        self.dl = Downloader(HttpxFiles(self.client), self.tree.tmp, cfg=cfg, metrics=self.metrics,
                              limiter=trio.CapacityLimiter(4), sleep=no_sleep)
 
     def errors(self, reason: str) -> float:

@@ -27,7 +27,7 @@ from mirror.fetch.pool import FetchPool, NoWorker
 from mirror.metrics import Metrics
 from mirror.sync.cycle import POOL_MIN_PROJECTS, Syncer
 from mirror.publish.tree import Tree
-from mirror.upstream.transport import open_client
+from mirror.upstream.transport import open_files
 from mirror.layout import Layout
 from tests.harness.e2e import make_config, write_config
 from tests.harness.fakepypi import FakePyPI, populate
@@ -104,8 +104,9 @@ async def test_a_dead_helper_means_downloading_in_process(tmp_path: Path) -> Non
         url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=1.0)
         cfg = _upcfg(up.url, retries=0)
-        async with FetchPool.open(cfg, Layout(tmp_path), processes=1, workers=2) as pool, open_client(cfg, workers=2, version="t") as client:
-            dl = Downloader(client, tree.tmp, cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(2))
+        async with FetchPool.open(cfg, Layout(tmp_path), processes=1, workers=2) as pool:
+            files = open_files(cfg, workers=2, version="t")
+            dl = Downloader(files, tree.tmp, cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(2))
             dl.pool = pool
             async with trio.open_nursery() as nursery:
 
@@ -121,6 +122,7 @@ async def test_a_dead_helper_means_downloading_in_process(tmp_path: Path) -> Non
             assert not pool.helpers[0].alive
             with pytest.raises(NoWorker):
                 await pool.attempt(url, sha256=sha, size=len(data), limit=None)
+            await files.aclose()
         assert _temps(tmp_path) == []
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import ctypes
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.errors import UnsafePath
+from mirror.errors import DiskError, UnsafePath
 from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, Serial
 from mirror.publish.state import State, decode_snapshot, encode_snapshot
 from mirror.publish.tree import Tree
@@ -176,20 +178,31 @@ def test_read_and_path_refuse_unsafe_rel(tree: Tree, rel: str) -> None:
         tree.read(rel)
 
 
-def test_directories_another_project_created_are_synced_by_both(tree: Tree) -> None:
-    web = tree.web
-    first: set[Path] = set()
-    tree.commit_file(temp_with(tree, b"1"), "packages/aa/bb/one.whl", dirs=first)
-    assert first == {web, web / "packages", web / "packages/aa", web / "packages/aa/bb"}
-    # Project two commits below packages/aa before project one synced it:
-    # its page must not be published before that entry is durable either.
-    second: set[Path] = set()
-    tree.commit_file(temp_with(tree, b"2"), "packages/aa/cc/two.whl", dirs=second)
-    assert second == {web, web / "packages", web / "packages/aa", web / "packages/aa/cc"}
-    tree.sync_dirs(first)
-    third: set[Path] = set()
-    tree.commit_file(temp_with(tree, b"3"), "packages/aa/cc/three.whl", dirs=third)
-    assert third == {web / "packages/aa/cc"}  # the rest were synced by project one
+def test_place_and_write_temps_need_a_barrier_to_be_durable(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched path never fsyncs on its own: one syncfs of the tree's
+    filesystem (the barrier) covers every file, temp and directory."""
+    synced: list[int] = []
+    monkeypatch.setattr("mirror.publish.tree._syncfs", lambda: lambda fd: synced.append(fd) or 0)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    tree.place(temp_with(tree, b"1"), "packages/aa/bb/one.whl")
+    temps = tree.write_temps([("simple/one/index.html", b"<a>"), ("simple/one/index.v1_json", b"{}")])
+    tree.place_all(temps)
+    assert fsyncs == [] and synced == []
+    tree.barrier()
+    assert len(synced) == 1 and tree.barriers == 1
+    assert all_files(tree.web) == ["packages/aa/bb/one.whl", "simple/one/index.html", "simple/one/index.v1_json"]
+
+
+def test_barrier_failure_is_a_disk_error(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(fd: int) -> int:
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr("mirror.publish.tree._syncfs", lambda: failing)
+    with pytest.raises(DiskError, match="making the tree durable: Input/output error"):
+        tree.barrier()
 
 
 def test_remembered_directory_removed_by_hand_is_created_again(tree: Tree) -> None:

@@ -209,11 +209,11 @@ class _Pull:
         await self.sync_received(self.report.files)
 
     async def sync_received(self, rels: Iterable[str]) -> None:
-        """The directory entries of files rsync put into DEST are durable
-        before any page that links them is renamed into place."""
-        dirs = {(self.dest / r).parent for r in rels}
-        if dirs:
-            await trio.to_thread.run_sync(self.tree.sync_dirs, dirs)
+        """Files rsync put into DEST, and their directory entries, are durable
+        before any page that links them is renamed into place (one barrier:
+        this holds even for an rsync without ``--fsync``)."""
+        if rels:
+            await trio.to_thread.run_sync(self.tree.barrier)
 
     async def stage_two(self, net: changes.Net | None) -> None:
         if net is not None:

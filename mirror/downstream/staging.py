@@ -143,16 +143,16 @@ def examine(stage: Path, dest: Path) -> tuple[set[str], set[str]]:
 
 def publish(tree: Tree, stage: Path) -> list[str]:
     """Move staged pages into DEST: project pages, then the root, then the
-    rest, each group durable (files and directory entries) before the next."""
+    rest, each group durable (``Tree.barrier``) before the next."""
     staged = [r for r in valid(set(staged_paths(stage)), "staged page") if not r.startswith(NOT_PAGES)]
     first = [r for r in staged if "/" in r and r not in layout.ROOT_PAGES]
     root = [r for r in staged if r in layout.ROOT_PAGES]
     rest = [r for r in staged if "/" not in r]
     for group in (first, root, rest):
-        dirs: set[Path] = set()
         for rel in group:
-            tree.commit_received(stage / rel, rel, dirs=dirs)
-        tree.sync_dirs(dirs)
+            tree.place(stage / rel, rel)
+        if group:
+            tree.barrier()
     return first + root + rest
 
 
@@ -188,9 +188,8 @@ def deletion_candidates(dest: Path, net: changes.Net | None) -> list[str]:
 
 def write_traces(tree: Tree, staged: Path, own: str, body: bytes) -> None:
     """The source's traces, then ours, last and atomically."""
-    dirs: set[Path] = set()
     for p in sorted(staged.iterdir()) if staged.is_dir() else []:
         if p.is_file() and not p.is_symlink() and p.name != own:
-            tree.commit_received(p, layout.trace(p.name), dirs=dirs)
-    tree.sync_dirs(dirs)
+            tree.place(p, layout.trace(p.name))
+    tree.barrier()
     tree.write_files([(layout.trace(own), body)])

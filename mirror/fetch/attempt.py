@@ -2,12 +2,16 @@
 file upstream promised.
 
 An attempt never touches a final path: it returns a ``Verified`` temp file
-(size and sha256 checked, fsynced), or raises ``DownloadError`` and leaves
-no temp behind.  Bytes are hashed while they stream; reading stops at
-``size + 1`` so an upstream cannot fill the disk with an oversized body.
-Disk writes take one thread hop per megabyte-sized batch, so a typical
-40 KB file costs a single hop for write + fsync (+ ``commit``, the caller's
-rename, when given).
+(size and sha256 checked), or raises ``DownloadError`` and leaves no temp
+behind.  It does not fsync: the tree makes a whole batch of files durable
+at once before any page links them (``mirror.publish.tree``).  Bytes are
+hashed while they stream; reading stops at ``size + 1`` so an upstream
+cannot fill the disk with an oversized body.  Disk writes take one thread
+hop per megabyte-sized batch, so a typical 40 KB file costs a single hop
+for its write (+ ``commit``, the caller's rename, when given).
+
+The body comes from a ``FileSource``: the lean h11 pool
+(``mirror.upstream.files``) in production.
 
 The same function runs in the main process and in the helper processes
 (``mirror.fetch.worker``); retries, backoff and the concurrency limit are
@@ -28,6 +32,7 @@ import trio
 
 from mirror.errors import DiskError, DownloadError, HashMismatch, SizeMismatch
 from mirror.metrics import Metrics
+from mirror.upstream.files import FileSource
 from mirror.upstream.retry import classify
 
 FLUSH_BYTES = 1 << 20
@@ -66,11 +71,8 @@ class _Sink:
     def _write(self, chunks: list[bytes], final: bool) -> None:
         if self.f is None:
             self.f = open(self.path, "wb")
-        for c in chunks:
-            self.f.write(c)
+        self.f.writelines(chunks)
         if final:
-            self.f.flush()
-            os.fsync(self.f.fileno())
             self.f.close()
 
     async def add(self, chunk: bytes) -> None:
@@ -81,9 +83,8 @@ class _Sink:
             await trio.to_thread.run_sync(self._write, chunks, False)
 
     async def finish(self, commit: Commit | None = None) -> None:
-        """Write the rest, fsync, close and (if given) hand the file to
-        ``commit``, all in one thread hop: per small file that hop, not the
-        network, is what bounds a first sync."""
+        """Write the rest, close and (if given) hand the file to ``commit``,
+        all in one thread hop."""
         chunks, self.pending = self.pending, []
 
         def done() -> None:
@@ -102,7 +103,7 @@ class _Sink:
 
 
 async def attempt(
-    client: httpx.AsyncClient, url: str, tmp: Path, *, sha256: str | None, size: int | None,
+    source: FileSource, url: str, tmp: Path, *, sha256: str | None, size: int | None,
     limit: int | None, timeout: float, metrics: Metrics, commit: Commit | None = None,
 ) -> Verified:
     """Download ``url`` into ``tmp`` once.
@@ -110,14 +111,14 @@ async def attempt(
     ``sha256=None`` (PEP 658 ``true`` without a hash) means: accept and report
     the digest we computed.  ``limit`` caps a body whose ``size`` is unknown.
     ``commit`` (the tree's: this module does not know final paths) is called
-    with the verified, fsynced temp in the same thread hop; ``Verified.tmp``
-    has then been moved by it."""
+    with the verified temp in the same thread hop; ``Verified.tmp`` has then
+    been moved by it."""
     sink = _Sink(tmp)
     ok = False
     deadline = timeout + (size or 0) / MIN_RATE
     try:
         with trio.move_on_after(deadline) as scope:
-            result = await _stream(client, url, sink, sha256=sha256, size=size, limit=limit, scope=scope,
+            result = await _stream(source, url, sink, sha256=sha256, size=size, limit=limit, scope=scope,
                                    timeout=timeout, metrics=metrics, commit=commit)
             ok = True
             return result
@@ -133,20 +134,20 @@ async def attempt(
 
 
 async def _stream(
-    client: httpx.AsyncClient, url: str, sink: _Sink, *, sha256: str | None, size: int | None,
+    source: FileSource, url: str, sink: _Sink, *, sha256: str | None, size: int | None,
     limit: int | None, scope: trio.CancelScope, timeout: float, metrics: Metrics, commit: Commit | None,
 ) -> Verified:
     h = hashlib.sha256()
     n = 0
     started = trio.current_time()
     try:
-        async with client.stream("GET", url) as r:
+        async with source.stream(url) as r:
             metrics.upstream_requests.labels("file").inc()
-            if r.status_code != 200:
-                raise DownloadError(url, "http_status", f"HTTP {r.status_code}")
-            # Chunks as they arrive (<= 64 KB), so the size check and the
-            # moving deadline see every read.
-            chunks = cast(AsyncGenerator[bytes, None], r.aiter_bytes())
+            if r.status != 200:
+                raise DownloadError(url, "http_status", f"HTTP {r.status}")
+            # Chunks as they arrive, so the size check and the moving
+            # deadline see every read.
+            chunks = cast(AsyncGenerator[bytes, None], r.chunks())
             try:
                 async for chunk in chunks:
                     n += len(chunk)

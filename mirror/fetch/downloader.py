@@ -15,7 +15,6 @@ import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import trio
 
 from mirror.errors import DownloadError
@@ -24,6 +23,7 @@ from mirror.fetch.pool import FetchPool, NoWorker
 from mirror.layout import new_temp_name
 from mirror.metrics import Metrics
 from mirror.upstream.config import UpstreamConfig
+from mirror.upstream.files import FileSource
 from mirror.upstream.retry import GONE, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class Downloader:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        files: FileSource,
         tmp: Path,
         *,
         cfg: UpstreamConfig,
@@ -41,7 +41,7 @@ class Downloader:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = trio.sleep,
     ) -> None:
-        self.client = client
+        self.files = files
         self.tmp = tmp
         self.cfg = cfg
         self.retry = RetryPolicy.of(cfg)
@@ -88,5 +88,5 @@ class Downloader:
                 if commit is not None:
                     await trio.to_thread.run_sync(commit, tmp)
                 return Verified(tmp, n, digest)
-        return await attempt(self.client, url, self.tmp / new_temp_name(), sha256=sha256, size=size, limit=limit,
+        return await attempt(self.files, url, self.tmp / new_temp_name(), sha256=sha256, size=size, limit=limit,
                              timeout=self.cfg.timeout, metrics=self.metrics, commit=commit)

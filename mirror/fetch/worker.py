@@ -27,7 +27,7 @@ from mirror.errors import DiskError, DownloadError
 from mirror.fetch.attempt import attempt
 from mirror.fetch.pool import FrameReader, send_frame
 from mirror.metrics import Metrics
-from mirror.upstream.transport import open_client
+from mirror.upstream.transport import open_files
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,15 @@ async def serve() -> None:
     scopes: dict[int, trio.CancelScope] = {}
     # Counted by the parent; these are never read.
     metrics = Metrics()
-    async with open_client(cfg, workers=workers, version=__version__) as client:
+    files = open_files(cfg, workers=workers, version=__version__)
+    try:
 
         async def one(rid: int, url: str, sha256: str | None, size: int | None, limit: int | None) -> None:
             reply: tuple[object, ...] | None = None
             with trio.CancelScope() as scope:
                 scopes[rid] = scope
                 try:
-                    v = await attempt(client, url, layout.new_temp(), sha256=sha256, size=size, limit=limit,
+                    v = await attempt(files, url, layout.new_temp(), sha256=sha256, size=size, limit=limit,
                                       timeout=cfg.timeout, metrics=metrics)
                     reply = ("ok", rid, str(v.tmp), v.size, v.sha256)
                 except DownloadError as e:
@@ -80,6 +81,8 @@ async def serve() -> None:
                     scopes[frame[1]].cancel()
             # stdin closed: the parent is done with us, or gone.
             nursery.cancel_scope.cancel()
+    finally:
+        await files.aclose()
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from mirror.metrics import Metrics
 from mirror.publish.state import State
 from mirror.publish.tree import Tree
 from mirror.sync.cycle import Progress, Syncer
-from mirror.upstream.transport import open_client
+from mirror.upstream.files import FilePool
+from mirror.upstream.transport import open_client, open_files
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,12 @@ class Mirror:
         self.tree = tree
         self.state = state
         self.metrics = metrics
-        self.client: httpx.AsyncClient = self._open_client(cfg)
-
-    @staticmethod
-    def _open_client(cfg: Config) -> httpx.AsyncClient:
-        return open_client(cfg.upstream, workers=cfg.mirror.workers, version=__version__)
+        self.client: httpx.AsyncClient = open_client(cfg.upstream, workers=cfg.mirror.workers, version=__version__)
+        self.files: FilePool = open_files(cfg.upstream, workers=cfg.mirror.workers, version=__version__)
 
     def syncer(self, *, progress: Progress | None = None, allow_mass_delete: bool = False) -> Syncer:
-        return Syncer(self.cfg, client=self.client, state=self.state, tree=self.tree, metrics=self.metrics,
-                      progress=progress, allow_mass_delete=allow_mass_delete)
+        return Syncer(self.cfg, client=self.client, files=self.files, state=self.state, tree=self.tree,
+                      metrics=self.metrics, progress=progress, allow_mass_delete=allow_mass_delete)
 
     async def reconfigure(self, new: Config) -> None:
         """Use ``new`` from the next ``syncer()`` on; between cycles only,
@@ -57,12 +55,14 @@ class Mirror:
         if new.mirror.directory != self.cfg.mirror.directory:
             raise ValueError("a mirror cannot move to another directory")
         if new.upstream != self.cfg.upstream or new.mirror.workers != self.cfg.mirror.workers:
-            await self.client.aclose()
-            self.client = self._open_client(new)
+            await self.aclose()
+            self.client = open_client(new.upstream, workers=new.mirror.workers, version=__version__)
+            self.files = open_files(new.upstream, workers=new.mirror.workers, version=__version__)
         self.cfg = new
 
     async def aclose(self) -> None:
         with trio.move_on_after(CLOSE_GRACE, shield=True):
+            await self.files.aclose()
             await self.client.aclose()
 
 

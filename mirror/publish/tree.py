@@ -1,17 +1,44 @@
-"""The only writer under ``web/``.
+"""The only writer under ``web/``: the filesystem implementation of the tree.
 
 Theory of operation
 -------------------
 Readers (nginx, pip, rsync secondaries) may look at ``web/`` at any instant,
-so every change is a ``rename(2)`` of a complete, fsynced file:
+and the machine may lose power at any instant.  So every change is a
+``rename(2)`` of a complete file, and nothing links a file before that
+file is durable.  Durability comes in two forms:
 
-* a file is written to ``state/tmp/`` (same filesystem, never inside
-  ``web/`` so rsync never copies a half-written temp), fsynced, then renamed
-  to its final path and the directory is fsynced;
-* pages are written the same way, a project's three pages in one go;
-* the caller orders the calls: files, then project pages, then the root
-  index, then the trace and serial.  This module gives each step atomicity;
-  ordering is the sync engine's job.
+* **Batched** (a sync's files and project pages).  ``place`` renames a
+  verified temp into place without any fsync; ``write_temps`` writes page
+  bytes to temps without fsync; ``barrier`` then makes *everything written
+  so far* durable at once with one ``syncfs(2)`` of the tree's filesystem:
+  file data, temp data, new names and new directories, in every directory
+  (the state database under ``state/`` is on the same filesystem and rides
+  along).  The protocol for one batch of projects, run by
+  ``mirror.sync.publisher``:
+
+  1. the files are downloaded, checked and ``place``-d (no page links them);
+  2. the batch's page bytes go to temps (``write_temps``);
+  3. ``barrier``: the files, their directory entries and the page temps are
+     durable;
+  4. the page temps are ``place``-d over the old pages;
+  5. ``barrier``: the new pages are durable;
+  6. only then are the files and the projects recorded in the state, so a
+     row that says "published" never outlives, in a power cut, the bytes or
+     the page it describes.
+
+  A page is therefore written only after every file it links, and that
+  file's directory entry, is durable, even on filesystems that do not order
+  metadata across directories.  ``syncfs`` is one call per barrier however
+  many files the batch holds; where it is missing (not Linux) ``os.sync``
+  does the same for every filesystem.
+* **One at a time** (the root index, ``last-modified``, change lists, the
+  trace: a few per cycle).  ``write_files`` and ``commit_file`` fsync each
+  temp, rename it, and fsync the directories whose entries changed
+  (including those of directories they create).
+
+Temps live in ``state/tmp/`` (same filesystem, never inside ``web/``, so
+rsync never copies a half-written one).  The caller orders the calls:
+files, then project pages, then the root index, then the trace and serial.
 
 Paths handed to this module are relative to ``web/`` and are validated again
 here (defence in depth: upstream data is untrusted).  Directories are created
@@ -28,11 +55,14 @@ Every method is synchronous and blocking: callers run one method per
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import logging
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from mirror.errors import DiskError, UnsafePath
@@ -41,10 +71,39 @@ from mirror.model import safe_relpath
 
 log = logging.getLogger(__name__)
 
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs(2)`` (Linux), or None."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make every write on ``path``'s filesystem durable (data and metadata)."""
+    fn = _syncfs()
+    if fn is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
 
@@ -59,11 +118,7 @@ class Tree:
         # web-relative directories checked to be plain directories ("" = web).
         # Shared by worker threads: set.add and membership are atomic.
         self._safe_dirs: set[str] = set()
-        # Directories holding an entry made by mkdir whose fsync was left to
-        # some caller's ``sync_dirs`` that may not have run yet.  Another
-        # project committing below such a directory must sync it too, or its
-        # page could be published before the path to its file is durable.
-        self._unsynced: set[Path] = set()
+        self.barriers = 0  # how many barrier() calls completed (for tests and stats)
 
     @classmethod
     def at(cls, layout: Layout | PullLayout) -> Tree:
@@ -102,18 +157,19 @@ class Tree:
         except OSError as e:  # pragma: no cover - best effort
             log.warning("could not remove temp file %s: %s", tmp, e)
 
+    def discard_all(self, temps: Iterable[tuple[Path, str]]) -> None:
+        for tmp, _ in temps:
+            self.discard(tmp)
+
     # -- paths ------------------------------------------------------------
     def path(self, rel: str) -> Path:
         return self.web / safe_relpath(rel)
 
-    def _ensure_parent(self, rel: str, dirs: set[Path] | None = None) -> Path:
+    def _ensure_parent(self, rel: str, *, durable: bool) -> Path:
         """Create the parents of ``rel`` under web/, refusing symlinks.
 
-        A new directory's entry is made durable by fsyncing its parent, now,
-        or later by ``sync_dirs`` when the caller collects them in ``dirs``.
-        Parents that another caller created and has not synced yet are
-        synced (or collected) too: that caller's project may publish later
-        than this one."""
+        ``durable``: each new directory's entry is fsynced in its parent now;
+        otherwise the next ``barrier`` covers it."""
         safe = safe_relpath(rel)
         parent, _, _ = safe.rpartition("/")
         dest = self.web / safe
@@ -123,25 +179,17 @@ class Tree:
                 cur = cur / part
                 try:
                     os.mkdir(cur)
-                    if dirs is None:
+                    if durable:
                         _fsync_dir(cur.parent)
-                    else:
-                        self._unsynced.add(cur.parent)
                 except FileExistsError:
                     if cur.is_symlink() or not cur.is_dir():
                         raise UnsafePath(f"{cur} exists and is not a plain directory") from None
             self._safe_dirs.add(parent)
-        if self._unsynced:
-            pending = [d for d in dest.parents if d in self._unsynced]
-            if dirs is not None:
-                dirs.update(pending)
-            else:
-                self.sync_dirs(pending)
         return dest
 
-    def _replace(self, tmp: Path, rel: str, dirs: set[Path] | None) -> Path:
+    def _replace(self, tmp: Path, rel: str, *, durable: bool) -> Path:
         """``os.replace`` into ``rel``, creating its parents."""
-        dest = self._ensure_parent(rel, dirs)
+        dest = self._ensure_parent(rel, durable=durable)
         try:
             os.replace(tmp, dest)
         except FileNotFoundError:
@@ -149,7 +197,7 @@ class Tree:
                 raise
             # A remembered directory is gone (pruned, or removed by hand).
             self.forget_dirs()
-            dest = self._ensure_parent(rel, dirs)
+            dest = self._ensure_parent(rel, durable=durable)
             os.replace(tmp, dest)
         return dest
 
@@ -171,22 +219,12 @@ class Tree:
                 raise UnsafePath(f"{cur} exists and is not a plain directory")
         return cur
 
-    # -- commits ------------------------------------------------------------
-    def commit_file(self, tmp: Path, rel: str, *, dirs: set[Path] | None = None) -> None:
-        """Rename a verified, fsynced temp file to its final place.
-
-        With ``dirs``, the directories whose entries changed are collected
-        there instead of fsynced one by one; the caller passes them to
-        ``sync_dirs`` before publishing any page that links the file.  Issued
-        back to back, the first of those fsyncs commits the filesystem journal
-        and the rest find nothing left to do, where one fsync per file would
-        each wait for a commit of its own."""
+    # -- batched durability ------------------------------------------------------
+    def place(self, tmp: Path, rel: str) -> None:
+        """Rename a complete, verified temp into ``rel``; durable only once a
+        later ``barrier`` returns (nothing may link it before that)."""
         try:
-            dest = self._replace(tmp, rel, dirs)
-            if dirs is None:
-                _fsync_dir(dest.parent)
-            else:
-                dirs.add(dest.parent)
+            self._replace(tmp, rel, durable=False)
         except UnsafePath:
             self.discard(tmp)
             raise
@@ -194,33 +232,17 @@ class Tree:
             self.discard(tmp)
             raise DiskError.of(e, f"publishing {rel}") from None
 
-    def commit_received(self, src: Path, rel: str, *, dirs: set[Path]) -> None:
-        """Publish a complete file that another program wrote (rsync, for
-        ``mirror pull``): fsync it, then rename it into place like
-        ``commit_file``.  ``src`` must be on the tree's filesystem."""
-        try:
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise DiskError.of(e, f"publishing {rel}") from None
-        self.commit_file(src, rel, dirs=dirs)
-
-    def write_files(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Atomically replace each ``rel`` with its bytes (temp, fsync, rename).
-
-        All temps are written and fsynced before the first rename, so a full
-        disk leaves the old pages untouched.  An item whose bytes are the very
-        object of an earlier item's (a project's ``index.html`` and
-        ``index.v1_html``) becomes a hard link to that temp: one write and
-        one fsync fewer per page.
-        """
+    def write_temps(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[Path, str]]:
+        """Each ``(rel, bytes)`` into a temp of its own (no fsync: a barrier
+        follows); ``(temp, rel)`` pairs for ``place_all``.  An item whose
+        bytes are the very object of an earlier item's (a project's
+        ``index.html`` and ``index.v1_html``) becomes a hard link to that
+        temp: one write fewer per page."""
         temps: list[tuple[Path, str]] = []
         written: dict[int, Path] = {}
         try:
             for rel, data in items:
+                safe_relpath(rel)
                 tmp = self.new_temp()
                 temps.append((tmp, rel))  # before writing: a full disk fails mid-write
                 same = written.get(id(data))
@@ -232,32 +254,76 @@ class Tree:
                         pass  # no hard links here (or too many): write a copy
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 written[id(data)] = tmp
+        except UnsafePath:
+            self.discard_all(temps)
+            raise
+        except OSError as e:
+            self.discard_all(temps)
+            raise DiskError.of(e, f"writing {items[0][0] if items else 'pages'}") from None
+        return temps
+
+    def place_all(self, temps: Sequence[tuple[Path, str]]) -> None:
+        """``place`` every temp of ``write_temps``, in order; on an error the
+        rest are discarded (the ones placed stay: each is complete)."""
+        for i, (tmp, rel) in enumerate(temps):
+            try:
+                self.place(tmp, rel)
+            except BaseException:
+                self.discard_all(temps[i + 1:])
+                raise
+
+    def barrier(self) -> None:
+        """Everything written, placed or created in this tree so far is durable
+        when this returns (``syncfs(2)`` of the tree's filesystem)."""
+        try:
+            sync_filesystem(self.web)
+        except OSError as e:
+            raise DiskError.of(e, "making the tree durable") from None
+        self.barriers += 1
+
+    # -- one at a time ------------------------------------------------------------
+    def commit_file(self, tmp: Path, rel: str) -> None:
+        """Rename a complete, fsynced temp into ``rel`` and fsync its directory."""
+        try:
+            dest = self._replace(tmp, rel, durable=True)
+            _fsync_dir(dest.parent)
+        except UnsafePath:
+            self.discard(tmp)
+            raise
+        except OSError as e:
+            self.discard(tmp)
+            raise DiskError.of(e, f"publishing {rel}") from None
+
+    def write_files(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Durably replace each ``rel`` with its bytes (temp, fsync, rename,
+        directory fsync), for the few files a cycle writes one at a time.
+
+        All temps are written and fsynced before the first rename, so a full
+        disk leaves the old files untouched."""
+        temps = self.write_temps(items)
+        try:
+            fsynced: set[int] = set()
+            for tmp, _ in temps:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    st = os.fstat(fd)
+                    if st.st_ino not in fsynced:  # a hard link's inode once
+                        os.fsync(fd)
+                        fsynced.add(st.st_ino)
+                finally:
+                    os.close(fd)
             dirs: dict[Path, None] = {}
             for tmp, rel in temps:
-                dest = self._replace(tmp, rel, None)
-                dirs[dest.parent] = None
+                dirs[self._replace(tmp, rel, durable=True).parent] = None
             for d in dirs:
                 _fsync_dir(d)
         except UnsafePath:
-            for tmp, _ in temps:
-                self.discard(tmp)
+            self.discard_all(temps)
             raise
         except OSError as e:
-            for tmp, _ in temps:
-                self.discard(tmp)
+            self.discard_all(temps)
             raise DiskError.of(e, f"writing {items[0][0] if items else 'pages'}") from None
-
-    def sync_dirs(self, dirs: Iterable[Path]) -> None:
-        """fsync directories collected by ``commit_file(..., dirs=...)``."""
-        try:
-            for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-                _fsync_dir(d)
-                self._unsynced.discard(d)
-        except OSError as e:
-            raise DiskError.of(e, "syncing directories") from None
 
     def existing(self, rels: Iterable[str]) -> set[str]:
         """Which of ``rels`` already exist as plain files (one stat each).

@@ -71,6 +71,8 @@ from mirror.publish.tree import Tree
 from mirror.sync.disk import disk_error_aborts_cycle
 from mirror.sync.feed import Feed
 from mirror.sync.project import CycleReport, Deps, Progress, ProjectSync
+from mirror.sync.publisher import Publisher
+from mirror.upstream.files import FileSource
 from mirror.upstream.client import Upstream
 
 __all__ = ["POOL_MIN_PROJECTS", "CycleReport", "Progress", "Syncer"]
@@ -101,6 +103,7 @@ class Syncer:
         cfg: Config,
         *,
         client: httpx.AsyncClient,
+        files: FileSource,
         state: State,
         tree: Tree,
         metrics: Metrics,
@@ -113,7 +116,7 @@ class Syncer:
         self.metrics = metrics
         self.upstream = Upstream(client, cfg.upstream, metrics=metrics)
         self.limiter = trio.CapacityLimiter(cfg.mirror.workers)
-        self.downloader = Downloader(client, cfg.layout.tmp, cfg=cfg.upstream, metrics=metrics, limiter=self.limiter)
+        self.downloader = Downloader(files, cfg.layout.tmp, cfg=cfg.upstream, metrics=metrics, limiter=self.limiter)
         self.deps = Deps(cfg, state, tree, self.upstream, self.downloader, metrics, progress)
         self.feed = Feed(cfg, state=state, upstream=self.upstream, metrics=metrics)
         self.progress = progress
@@ -123,6 +126,7 @@ class Syncer:
         # One-shot: consumed by the first cycle the safety valve would block.
         self.allow_mass_delete = allow_mass_delete
         self.held: list[_Held] = []
+        self.publisher = Publisher(self.deps, CycleReport())
         # Projects of the running cycle not finished yet.
         self.pending = 0
 
@@ -172,16 +176,24 @@ class Syncer:
                     if self.progress:
                         self.progress("projects", done, total)
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(max(1, self.cfg.mirror.workers)):
-                nursery.start_soon(worker, recv.clone())
-            await recv.aclose()
-            async with send:
-                for item in self.state.iter_todo():
-                    if self.stop_requested:
-                        break
-                    await send.send(item)
-        await self.release_held(report)
+        def unsafe(name: str, e: UnsafePath) -> None:
+            log.error("%s: not published, the tree is unsafe: %s", name, e)
+            self._defer(name, str(e), report)
+
+        self.publisher = Publisher(self.deps, report, on_unsafe=unsafe)
+        async with trio.open_nursery() as outer:
+            await outer.start(self.publisher.run)
+            async with trio.open_nursery() as nursery:
+                for _ in range(max(1, self.cfg.mirror.workers)):
+                    nursery.start_soon(worker, recv.clone())
+                await recv.aclose()
+                async with send:
+                    for item in self.state.iter_todo():
+                        if self.stop_requested:
+                            break
+                        await send.send(item)
+            await self.release_held(report)
+            await self.publisher.close()
 
     async def release_held(self, report: CycleReport) -> None:
         """Publish the held destructive changes, or none of them (safety valve)."""
@@ -261,13 +273,19 @@ class Syncer:
         job = ProjectSync(self.deps, upstream_snap, report)
         job.plan()
         if not await job.download():
+            self.publisher.submit(job.publication(pages=False))
             self._defer(job.name, job.error, report)
             return
         await job.prepare_pages()
         if dropped := job.unreferenced:
-            self.held.append(_Held(job.name, dropped, removal=False, commit=job.publish))
+            self.publisher.submit(job.publication(pages=False))
+
+            async def commit() -> None:
+                self.publisher.submit(job.publication())
+
+            self.held.append(_Held(job.name, dropped, removal=False, commit=commit))
         else:
-            await job.publish()
+            self.publisher.submit(job.publication())
 
     def _remove_or_hold(self, name: NormalizedName, report: CycleReport) -> None:
         """A published project is removed only through the safety valve."""

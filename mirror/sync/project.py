@@ -11,20 +11,20 @@ Theory of operation
    bytes is refused (an upstream listing one path with two hashes).
 2. ``download``: every fetch concurrently, through the shared limiter.  A
    file a killed run left in place is adopted after a hash check instead.
-   Each verified file is committed by the tree (renamed into place) and
-   recorded in the state, all of the project's in one transaction, even
-   when a disk error aborts the others.  The new directory entries are made
-   durable before anything links them.
-3. ``prepare_pages``: pure: ``planner.finalize`` builds the snapshot to
-   publish (only files that are in the tree), the pages are rendered, and
-   their digest says whether anything changed.  With ``json_api`` and a
-   changed page, the legacy JSON API document is fetched from upstream
-   here, before anything is written.
-4. ``publish``: note the pages for the change list, write them, and record
-   the project, its refs and the files it no longer references.  No network.
+   Each verified file is placed in the tree (renamed into place, not yet
+   durable: no page links it yet) in the download's last thread hop.
+3. ``prepare_pages``: ``planner.finalize`` builds the snapshot to publish
+   (only files that are in the tree), the pages are rendered, and their
+   digest says whether anything changed.  With ``json_api`` and a changed
+   page, the legacy JSON API document is fetched from upstream here, before
+   anything is written.
+4. ``publication``: what the ``Publisher`` (``mirror.sync.publisher``)
+   makes durable and records, in a batch with other projects: the files,
+   then the pages, then the project row.  No network.
 
-The caller (``mirror.sync.cycle``) decides whether ``publish`` runs now or
-waits for the safety valve (``unreferenced`` > 0).
+The caller (``mirror.sync.cycle``) decides whether the pages go out now or
+wait for the safety valve (``unreferenced`` > 0); the files are recorded
+either way.
 """
 
 from __future__ import annotations
@@ -92,6 +92,23 @@ class CycleReport:
         )
 
 
+@dataclass
+class Publication:
+    """What one project hands the publisher."""
+
+    name: str
+    # verified files placed in the tree: (path, size, sha256)
+    files: list[tuple[str, int, str]] = field(default_factory=list)
+    # the pages to write, and the change-list operation for them
+    pages: list[tuple[str, bytes]] = field(default_factory=list)
+    op: str = "replace"
+    # the project row to record once its pages are durable (None: files only)
+    published: ProjectSnapshot | None = None
+    upstream: ProjectSnapshot | None = None
+    digest: str = ""
+    refs: set[str] = field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class Deps:
     """What a project's sync works with; built once per cycle by the Syncer."""
@@ -116,9 +133,8 @@ class ProjectSync:
         self.present: dict[str, tuple[int, str]] = {}
         self.fetches: list[planner.Fetch] = []
         self.errors: list[str] = []
-        # Files renamed into place by this project, recorded in one transaction.
+        # Files placed in the tree (or adopted) by this project, to record.
         self.recorded: list[tuple[str, int, str]] = []
-        self.dirs: set[Path] = set()
         # Set by prepare_pages:
         self.published = upstream_snap
         self.refs: set[str] = set()
@@ -167,16 +183,10 @@ class ProjectSync:
         tree = self.d.tree
         # Left in place by a killed run?  One stat hop for the whole project.
         existing = await trio.to_thread.run_sync(tree.existing, [j.rel for j in self.fetches]) if self.fetches else set()
-        try:
-            async with trio.open_nursery() as nursery:
-                self.report.files_planned += len(self.fetches)
-                for job in self.fetches:
-                    nursery.start_soon(self._fetch_counted, job, job.rel in existing)
-            # Directory entries of the new files are durable before any page links them.
-            if self.dirs:
-                await trio.to_thread.run_sync(tree.sync_dirs, self.dirs)
-        finally:
-            self.d.state.record_files(self.recorded)
+        async with trio.open_nursery() as nursery:
+            self.report.files_planned += len(self.fetches)
+            for job in self.fetches:
+                nursery.start_soon(self._fetch_counted, job, job.rel in existing)
         return not self.errors
 
     async def _fetch_counted(self, job: planner.Fetch, on_disk: bool) -> None:
@@ -206,9 +216,9 @@ class ProjectSync:
         # Only bodies of unknown size are capped (a known size is enforced
         # exactly): sidecars are documents, cut at the page cap.
         limit = up.max_unknown_file_bytes if job.kind == "dist" else up.max_page_bytes
-        # Files are committed by the tree in the download's last thread hop;
+        # Files are placed by the tree in the download's last thread hop;
         # provenance is checked as JSON first.
-        commit = None if job.kind == "provenance" else functools.partial(tree.commit_file, rel=job.rel, dirs=self.dirs)
+        commit = None if job.kind == "provenance" else functools.partial(tree.place, rel=job.rel)
         try:
             v = await self.d.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit, commit=commit)
         except UnsafeInput as e:
@@ -230,7 +240,7 @@ class ProjectSync:
                 return
             try:
                 if not committed:
-                    await trio.to_thread.run_sync(functools.partial(tree.commit_file, v.tmp, job.rel, dirs=self.dirs))
+                    await trio.to_thread.run_sync(tree.place, v.tmp, job.rel)
             except UnsafeInput as e:
                 # e.g. a directory on the path is a symlink: refuse this file only.
                 self._refuse(job, e)
@@ -279,19 +289,15 @@ class ProjectSync:
             return render.project_api_json(self.published, None)
 
     # -- 4 ------------------------------------------------------------------------
-    async def publish(self) -> None:
-        state, report = self.d.state, self.report
-        if self.pages:
-            # Noted before the write: a crash in between lists a page that
-            # did not change, never the other way round.
-            op = "add" if self.current is None else "replace"
-            state.changes.note_now((rel, op) for rel, _ in self.pages)
-            await trio.to_thread.run_sync(self.d.tree.write_files, self.pages)
-            report.pages_written += 1
-        orphans = state.publish_project(self.published, upstream=self.upstream_snap, page_sha256=self.digest,
-                                        refs=self.refs)
-        report.files_retired += len(orphans)
-        report.projects_synced += 1
+    def publication(self, *, pages: bool = True) -> Publication:
+        """What the publisher records: the files, and (``pages``) the pages
+        and the project row."""
+        if not pages:
+            return Publication(self.name, files=self.recorded)
+        return Publication(
+            self.name, files=self.recorded, pages=self.pages, op="add" if self.current is None else "replace",
+            published=self.published, upstream=self.upstream_snap, digest=self.digest, refs=self.refs,
+        )
 
 
 def _is_json_file(path: Path) -> bool:

@@ -34,6 +34,7 @@ import httpcore
 import httpx
 
 from mirror.upstream.config import UpstreamConfig
+from mirror.upstream.files import FilePool
 
 PROBE_AFTER = 0.5
 
@@ -124,13 +125,23 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def user_agent(cfg: UpstreamConfig, version: str) -> str:
+    return f"mirror/{version} {cfg.user_agent}"
+
+
+def open_files(cfg: UpstreamConfig, *, workers: int, version: str) -> FilePool:
+    """The lean client for file bodies, with the same trust and identity."""
+    return FilePool(ssl_context=tls_context(), user_agent=user_agent(cfg, version), timeout=cfg.timeout,
+                    allow_http=cfg.allow_http, max_idle=workers + 8)
+
+
 def open_client(cfg: UpstreamConfig, *, workers: int, version: str) -> httpx.AsyncClient:
-    """The one pooled client every upstream request goes through."""
+    """The one pooled client for the feed, the pages and the root index."""
     limits = httpx.Limits(max_connections=workers + 8, max_keepalive_connections=workers + 8)
     return httpx.AsyncClient(
         transport=transport(verify=tls_context(), limits=limits),
         timeout=httpx.Timeout(cfg.timeout),
-        headers={"User-Agent": f"mirror/{version} {cfg.user_agent}"},
+        headers={"User-Agent": user_agent(cfg, version)},
         follow_redirects=True,
         limits=limits,
     )
