@@ -23,11 +23,13 @@
 
 Errors say what went wrong, with structured fields; what a command's exit
 code is for each of them is the CLI's business (``mirror.cli.EXIT_CODES``).
+Every error pickles with its fields (``__reduce__``), so a helper process
+can raise one in its parent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 
 class MirrorError(Exception):
@@ -43,6 +45,9 @@ class LockHeld(MirrorError):
         super().__init__(f"{path} is locked by another mirror process (pid {pid or 'unknown'})")
         self.path = path
         self.pid = pid
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.path, self.pid)
 
 
 class UpstreamError(MirrorError):
@@ -67,6 +72,9 @@ class StalePage(UpstreamError):
         self.name = name
         self.expected = expected
         self.got = got
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int | None]]:
+        return type(self), (self.name, self.expected, self.got)
 
 
 class ProjectNotFound(UpstreamError):
@@ -112,6 +120,16 @@ class DownloadError(MirrorError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[Callable[..., DownloadError], tuple[object, ...]]:
+        return DownloadError._rebuild, (type(self), self.__dict__)
+
+    @staticmethod
+    def _rebuild(cls: type[DownloadError], fields: dict[str, object]) -> DownloadError:
+        e = cls.__new__(cls)
+        Exception.__init__(e, f"{fields['url']}: {fields['reason']}{': ' + str(fields['detail']) if fields['detail'] else ''}")
+        e.__dict__.update(fields)
+        return e
+
 
 class HashMismatch(DownloadError):
     def __init__(self, url: str, expected: str, actual: str) -> None:
@@ -142,6 +160,9 @@ class MassDeleteBlocked(MirrorError):
         )
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return type(self), (self.reason,)
+
 
 class SyncIncomplete(MirrorError):
     def __init__(self, failed: Mapping[str, str]) -> None:
@@ -149,6 +170,9 @@ class SyncIncomplete(MirrorError):
         more = f" (+{len(failed) - 20} more)" if len(failed) > 20 else ""
         super().__init__(f"{len(failed)} project(s) deferred to the next run: {names}{more}")
         self.failed = dict(failed)
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, str]]]:
+        return type(self), (self.failed,)
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

@@ -26,7 +26,8 @@ Pure: path arithmetic only, no I/O.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,14 @@ def is_package_path(rel: str) -> bool:
     return rel.startswith(PACKAGES)
 
 
+# Unique among the processes sharing one state/tmp: a random prefix per
+# process, then a counter (no random bytes, so no system call, per name).
+_TEMP_PREFIX = secrets.token_hex(8)
+_temp_counter = itertools.count()
+
+
 def new_temp_name(suffix: str = "") -> str:
-    return f"{uuid.uuid4().hex}{suffix}{TEMP_SUFFIX}"
+    return f"{_TEMP_PREFIX}-{next(_temp_counter):x}{suffix}{TEMP_SUFFIX}"
 
 
 # -- directories -------------------------------------------------------------------

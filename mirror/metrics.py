@@ -8,6 +8,7 @@ up front so dashboards see zeros rather than gaps.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -16,6 +17,9 @@ from mirror import __version__
 from mirror.errors import DOWNLOAD_REASONS
 
 REJECT_KINDS = ("name", "path", "url", "api_version", "malformed", "oversize")
+# What fetching a project page counts; a helper process ships these home.
+PAGE_COUNTERS = ("mirror_upstream_requests", "mirror_upstream_errors", "mirror_stale_pages",
+                 "mirror_upstream_rejected")
 # Why a feed or page request failed (each failed attempt, before retries).
 UPSTREAM_ERROR_REASONS = ("http_status", "connection", "truncated", "timeout")
 
@@ -95,6 +99,29 @@ class Metrics:
             self.reloads.labels(o)
         self.info = Info("mirror", "Version of the mirror software.", registry=r)
         self.info.info({"version": __version__})
+
+    # -- counts made in helper processes ---------------------------------------
+    def _counters(self) -> dict[str, Counter]:
+        return {next(iter(c.describe())).name: c for c in vars(self).values() if isinstance(c, Counter)}
+
+    def counts(self, families: Iterable[str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The current value of every sample of these counter families."""
+        counters = self._counters()
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for name in families:
+            for family in counters[name].collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        out[(name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def add_counts(self, deltas: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+        """Add what a helper process counted (``counts`` differences)."""
+        counters = self._counters()
+        for (name, labels), value in deltas.items():
+            if value:
+                c = counters[name]
+                (c.labels(**dict(labels)) if labels else c).inc(value)
 
     def write_textfile(self, path: Path) -> None:
         """Atomic write for node_exporter's textfile collector."""

@@ -22,13 +22,15 @@ from bench.driver import child_pids
 from mirror import cli
 from mirror.config import UpstreamConfig, default_download_processes
 from mirror.fetch.downloader import Downloader
-from mirror.errors import DownloadError
+from mirror.errors import ProjectNotFound, StalePage, DownloadError
 from mirror.fetch.pool import FetchPool, NoWorker
 from mirror.metrics import Metrics
 from mirror.sync.cycle import POOL_MIN_PROJECTS, Syncer
 from mirror.publish.tree import Tree
-from mirror.upstream.transport import open_files
+from mirror.upstream.client import Upstream
+from mirror.upstream.transport import open_client, open_files
 from mirror.layout import Layout
+from mirror.model import NormalizedName
 from tests.harness.e2e import make_config, write_config
 from tests.harness.fakepypi import FakePyPI, populate
 from tests.harness.reliability import foreign_files, mirror_problems, upstream_files
@@ -59,7 +61,7 @@ async def test_a_helper_returns_a_verified_fsynced_temp(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     with FakePyPI(seed=1) as up:
         url, data, sha = _one_file(up)
-        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=2, workers=4) as pool:
+        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=2, workers=4, metrics=Metrics()) as pool:
             tmp, n, digest = await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             assert (n, digest) == (len(data), sha)
             assert tmp.parent == tree.tmp and tmp.read_bytes() == data
@@ -82,12 +84,41 @@ async def test_a_helper_returns_a_verified_fsynced_temp(tmp_path: Path) -> None:
         assert len(set(pids)) == 2
 
 
+async def test_a_helper_fetches_and_parses_pages_and_counts_them_at_home(tmp_path: Path) -> None:
+    """Pages fetched in a helper are the pages the main process would get,
+    errors keep their type and fields, and the counts reach the parent."""
+    _tree(tmp_path)
+    metrics = Metrics()
+
+    def count(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0
+
+    with FakePyPI(seed=1) as up:
+        up.add_release("alpha", "1.0")
+        cfg = _upcfg(up.url, retries=1, backoff=0.01, stale_retries=1)
+        async with FetchPool.open(cfg, Layout(tmp_path), processes=1, workers=4, metrics=metrics) as pool, \
+                open_client(cfg, workers=4, version="t") as client:
+            here = await Upstream(client, cfg, metrics=Metrics()).project_page(NormalizedName("alpha"), min_serial=0)
+            there = await pool.page("alpha", min_serial=0)
+            assert there == here and there.files
+            assert count("mirror_upstream_requests_total", kind="page") == 1
+            with pytest.raises(ProjectNotFound):
+                await pool.page("no-such-project", min_serial=0)
+            up.add_fault("stale", match="/simple/alpha/")
+            up.add_release("alpha", "2.0")
+            with pytest.raises(StalePage) as e:
+                await pool.page("alpha", min_serial=up.serial)
+            assert (e.value.name, e.value.expected) == ("alpha", up.serial)
+            assert count("mirror_stale_pages_total") == 2
+            assert count("mirror_upstream_requests_total", kind="page") == 4  # 1 + 1 + 2 (one stale retry)
+
+
 async def test_a_cancelled_attempt_leaves_no_temp(tmp_path: Path) -> None:
     _tree(tmp_path)
     with FakePyPI(seed=1) as up:
         url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=2.0)
-        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4) as pool:
+        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4, metrics=Metrics()) as pool:
             with trio.move_on_after(0.5) as scope:
                 await pool.attempt(url, sha256=sha, size=len(data), limit=None)
             assert scope.cancelled_caught
@@ -104,7 +135,7 @@ async def test_a_dead_helper_means_downloading_in_process(tmp_path: Path) -> Non
         url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=1.0)
         cfg = _upcfg(up.url, retries=0)
-        async with FetchPool.open(cfg, Layout(tmp_path), processes=1, workers=2) as pool:
+        async with FetchPool.open(cfg, Layout(tmp_path), processes=1, workers=2, metrics=Metrics()) as pool:
             files = open_files(cfg, workers=2, version="t")
             dl = Downloader(files, tree.tmp, cfg=cfg, metrics=Metrics(), limiter=trio.CapacityLimiter(2))
             dl.pool = pool
@@ -225,7 +256,7 @@ async def test_a_temp_path_outside_state_tmp_is_never_taken_from_a_helper(tmp_pa
     victim = tmp_path / "keep.part"
     victim.write_bytes(b"x")
     with FakePyPI(seed=1) as up:
-        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4) as pool:
+        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4, metrics=Metrics()) as pool:
             for frame in [("ok", 10**9, str(victim), 1, "0" * 64), ("ok", 10**9, "/etc/passwd", 1, "0" * 64)]:
                 with pytest.raises(ValueError):
                     pool._answer(pool.helpers[0], frame)

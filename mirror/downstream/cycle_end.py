@@ -8,10 +8,11 @@ These steps run after the root index is written (see the order in
 1. *Retirement.*  Files that no page has referenced for ``retire_after``
    are deleted, in batches of ``RETIRE_BATCH`` taken from the ``retire``
    table by age (an index on ``since``: the cost is the number of files
-   due, not the size of the tree).  Each batch is one thread hop through
-   ``Tree.remove`` (which prunes the directories it empties), then one
-   transaction that drops the ``files`` rows, adjusts the totals and notes
-   the paths for the change list.  A path referenced again is no longer in
+   due, not the size of the tree).  For each batch, one transaction drops
+   the ``files`` rows, adjusts the totals and notes the paths for the change
+   list; a barrier makes that durable; then one thread hop through
+   ``Tree.remove`` (which prunes the directories it empties) deletes the
+   files, and their ``retire`` rows go.  A path referenced again is no longer in
    ``retire`` (``record_file``/``publish_project`` remove it), so it is
    kept.  Retirement is skipped while pages of removed projects are still
    on disk (``gone`` not empty: the root rewrite failed), because those
@@ -55,8 +56,13 @@ async def retire_due(state: State, tree: Tree, *, retire_after: float, now: floa
         paths = state.due_retirements(before, RETIRE_BATCH)
         if not paths:
             break
-        await trio.to_thread.run_sync(tree.remove, paths)
+        # Rows first, durably, then the files: a power cut in between leaves
+        # files that no row names (deleted again next cycle), never a row
+        # that names a deleted file.
         state.forget_files(paths)
+        await trio.to_thread.run_sync(tree.barrier)
+        await trio.to_thread.run_sync(tree.remove, paths)
+        state.retired(paths)
         total += len(paths)
         if len(paths) < RETIRE_BATCH:
             break

@@ -8,7 +8,7 @@ at once before any page links them (``mirror.publish.tree``).  Bytes are
 hashed while they stream; reading stops at ``size + 1`` so an upstream
 cannot fill the disk with an oversized body.  Disk writes take one thread
 hop per megabyte-sized batch, so a typical 40 KB file costs a single hop
-for its write (+ ``commit``, the caller's rename, when given).
+for its write; in a helper process, none.
 
 The body comes from a ``FileSource``: the lean h11 pool
 (``mirror.upstream.files``) in production.
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import cast
 
 import httpx
 import trio
@@ -42,9 +42,6 @@ FLUSH_BYTES = 1 << 20
 # for the same average rate.
 MIN_RATE = 64 * 1024
 
-Commit = Callable[[Path], None]
-
-
 @dataclass(frozen=True)
 class Verified:
     tmp: Path
@@ -60,66 +57,72 @@ def discard(tmp: Path) -> None:
 
 
 class _Sink:
-    """Temp file writer whose blocking calls run in worker threads."""
+    """Temp file writer.  Its blocking calls run in worker threads, or, with
+    ``inline`` (a helper process, whose loop does nothing else), right here:
+    a thread hop costs more than writing a small file to the page cache,
+    mostly in GIL handovers between the two threads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, inline: bool = False) -> None:
         self.path = path
-        self.f: BinaryIO | None = None
+        self.inline = inline
+        self.fd: int | None = None
         self.pending: list[bytes] = []
         self.pending_bytes = 0
 
     def _write(self, chunks: list[bytes], final: bool) -> None:
-        if self.f is None:
-            self.f = open(self.path, "wb")
-        self.f.writelines(chunks)
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        for c in chunks:
+            view = memoryview(c)
+            while view:
+                view = view[os.write(self.fd, view):]
         if final:
-            self.f.close()
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    async def _run(self, chunks: list[bytes], final: bool) -> None:
+        if self.inline:
+            self._write(chunks, final)
+        else:
+            await trio.to_thread.run_sync(self._write, chunks, final)
 
     async def add(self, chunk: bytes) -> None:
         self.pending.append(chunk)
         self.pending_bytes += len(chunk)
         if self.pending_bytes >= FLUSH_BYTES:
             chunks, self.pending, self.pending_bytes = self.pending, [], 0
-            await trio.to_thread.run_sync(self._write, chunks, False)
+            await self._run(chunks, False)
 
-    async def finish(self, commit: Commit | None = None) -> None:
-        """Write the rest, close and (if given) hand the file to ``commit``,
-        all in one thread hop."""
+    async def finish(self) -> None:
+        """Write the rest and close, in one thread hop (or none, inline)."""
         chunks, self.pending = self.pending, []
-
-        def done() -> None:
-            self._write(chunks, True)
-            if commit is not None:
-                commit(self.path)
-
-        await trio.to_thread.run_sync(done)
+        await self._run(chunks, True)
 
     def close(self) -> None:
-        if self.f is not None and not self.f.closed:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
             try:
-                self.f.close()
+                os.close(fd)
             except OSError:
-                pass  # flushing to a full disk fails again; the temp is discarded next
+                pass  # the temp is discarded next
 
 
 async def attempt(
     source: FileSource, url: str, tmp: Path, *, sha256: str | None, size: int | None,
-    limit: int | None, timeout: float, metrics: Metrics, commit: Commit | None = None,
+    limit: int | None, timeout: float, metrics: Metrics, inline: bool = False,
 ) -> Verified:
     """Download ``url`` into ``tmp`` once.
 
     ``sha256=None`` (PEP 658 ``true`` without a hash) means: accept and report
     the digest we computed.  ``limit`` caps a body whose ``size`` is unknown.
-    ``commit`` (the tree's: this module does not know final paths) is called
-    with the verified temp in the same thread hop; ``Verified.tmp`` has then
-    been moved by it."""
-    sink = _Sink(tmp)
+    ``inline``: write without thread hops (see ``_Sink``)."""
+    sink = _Sink(tmp, inline=inline)
     ok = False
     deadline = timeout + (size or 0) / MIN_RATE
     try:
         with trio.move_on_after(deadline) as scope:
             result = await _stream(source, url, sink, sha256=sha256, size=size, limit=limit, scope=scope,
-                                   timeout=timeout, metrics=metrics, commit=commit)
+                                   timeout=timeout, metrics=metrics)
             ok = True
             return result
         raise DownloadError(url, "timeout", f"body slower than {MIN_RATE // 1024} KB/s after {timeout:g}s")
@@ -129,13 +132,16 @@ async def attempt(
         if not ok:
             sink.close()
             # Shielded so a cancelled download still removes its temp.
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(discard, tmp)
+            if inline:
+                discard(tmp)
+            else:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(discard, tmp)
 
 
 async def _stream(
     source: FileSource, url: str, sink: _Sink, *, sha256: str | None, size: int | None,
-    limit: int | None, scope: trio.CancelScope, timeout: float, metrics: Metrics, commit: Commit | None,
+    limit: int | None, scope: trio.CancelScope, timeout: float, metrics: Metrics,
 ) -> Verified:
     h = hashlib.sha256()
     n = 0
@@ -173,5 +179,5 @@ async def _stream(
     digest = h.hexdigest()
     if sha256 is not None and digest != sha256:
         raise HashMismatch(url, sha256, digest)
-    await sink.finish(commit)
+    await sink.finish()
     return Verified(sink.path, n, digest)

@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from mirror.errors import DownloadError
-from mirror.fetch.attempt import Commit, Verified, attempt
+from mirror.fetch.attempt import Verified, attempt
 from mirror.fetch.pool import FetchPool, NoWorker
 from mirror.layout import new_temp_name
 from mirror.metrics import Metrics
@@ -52,10 +52,7 @@ class Downloader:
         # Set for a large cycle: attempts then run in helper processes.
         self.pool: FetchPool | None = None
 
-    async def fetch(
-        self, url: str, *, sha256: str | None, size: int | None, limit: int | None = None,
-        commit: Commit | None = None,
-    ) -> Verified:
+    async def fetch(self, url: str, *, sha256: str | None, size: int | None, limit: int | None = None) -> Verified:
         """Download ``url`` to a verified temp file (see ``attempt``)."""
         last: DownloadError | None = None
         for n in range(self.retry.attempts):
@@ -63,7 +60,7 @@ class Downloader:
                 await self.sleep(self.retry.delay(n, self.rng))
             try:
                 async with self.limiter:
-                    v = await self._attempt(url, sha256=sha256, size=size, limit=limit, commit=commit)
+                    v = await self._attempt(url, sha256=sha256, size=size, limit=limit)
                 self.metrics.files_downloaded.inc()
                 self.metrics.bytes_downloaded.inc(v.size)
                 return v
@@ -76,17 +73,13 @@ class Downloader:
         assert last is not None
         raise last
 
-    async def _attempt(
-        self, url: str, *, sha256: str | None, size: int | None, limit: int | None, commit: Commit | None,
-    ) -> Verified:
+    async def _attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> Verified:
         if self.pool is not None:
             try:
                 tmp, n, digest = await self.pool.attempt(url, sha256=sha256, size=size, limit=limit)
             except NoWorker:
                 pass  # no helper left: download here
             else:
-                if commit is not None:
-                    await trio.to_thread.run_sync(commit, tmp)
                 return Verified(tmp, n, digest)
         return await attempt(self.files, url, self.tmp / new_temp_name(), sha256=sha256, size=size, limit=limit,
-                             timeout=self.cfg.timeout, metrics=self.metrics, commit=commit)
+                             timeout=self.cfg.timeout, metrics=self.metrics)

@@ -11,11 +11,19 @@ answer with the verified temp file.  It never touches ``web/``: the parent
 commits (renames) the file, so every decision about final paths, the
 publish order and the state stays in one process.
 
+A helper also fetches and parses project pages (``Upstream.project_page``,
+with its stale-page and malformed-page retries), which in a first sync cost
+as much CPU as the files: the parent gets the parsed ``ProjectSnapshot``,
+and the counts the helper made on the way (requests, errors, stale and
+refused pages) are added to the parent's metrics.
+
 Protocol: length-prefixed pickle frames on the helper's stdin/stdout
-(``send_frame`` and ``FrameReader`` serve both ends).  The first frame is the upstream config.  Then
-``("get", id, url, sha256, size, limit)`` and ``("cancel", id)`` go in;
-``("ok", id, tmp, size, sha256)``, ``("error", id, reason, detail)`` and
-``("disk", id, message)`` come out.  A helper exits when its stdin closes,
+(``send_frame`` and ``FrameReader`` serve both ends).  The first frame is the
+setup.  Then ``("get", id, url, sha256, size, limit)``, ``("page", id, name,
+min_serial)`` and ``("cancel", id)`` go in; ``("ok", id, tmp, size,
+sha256)``, ``("snap", id, snapshot, counts)``, ``("raise", id, error,
+counts)``, ``("error", id, reason, detail)`` and ``("disk", id, message)``
+come out.  A helper exits when its stdin closes,
 which is also what happens when the parent is killed; it ignores SIGINT
 and SIGTERM so that a stop signal sent to the whole process group lets the
 parent finish its in-flight work as usual.
@@ -37,8 +45,10 @@ from typing import Any
 
 import trio
 
-from mirror.errors import DiskError, DownloadError
+from mirror.errors import DiskError, DownloadError, UnsafeInput, UpstreamError
 from mirror.layout import Layout
+from mirror.metrics import Metrics
+from mirror.model import ProjectSnapshot
 from mirror.upstream.config import UpstreamConfig
 
 log = logging.getLogger(__name__)
@@ -100,20 +110,23 @@ class _Helper:
 
 
 class FetchPool:
-    """Parent side: hands single download attempts to helper processes."""
+    """Parent side: hands single download attempts, and project pages, to
+    helper processes."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, metrics: Metrics) -> None:
         self.layout = layout
+        self.metrics = metrics
         self.helpers: list[_Helper] = []
         self._ids = itertools.count()
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, cfg: UpstreamConfig, layout: Layout, *, processes: int,
-                   workers: int) -> AsyncIterator[FetchPool]:
+    async def open(cls, cfg: UpstreamConfig, layout: Layout, *, processes: int, workers: int,
+                   metrics: Metrics) -> AsyncIterator[FetchPool]:
         """``workers``: the most attempts in flight at once (the caller's
-        limiter), so that no helper's connection pool makes one wait."""
-        pool = cls(layout)
+        limiter), so that no helper's connection pool makes one wait.
+        ``metrics`` receives what the helpers count on pages."""
+        pool = cls(layout, metrics)
         async with trio.open_nursery() as nursery:
             try:
                 for _ in range(processes):
@@ -174,6 +187,8 @@ class FetchPool:
 
     def _answer(self, h: _Helper, frame: tuple[Any, ...]) -> None:
         kind, rid = frame[0], frame[1]
+        if kind in ("snap", "raise"):
+            self.metrics.add_counts(frame[3])
         p = h.pending.pop(rid, None)
         if p is None:
             # Answered after the caller gave up (cancelled): nobody will
@@ -184,6 +199,14 @@ class FetchPool:
         if kind == "ok":
             tmp, n, digest = frame[2:]
             p.result = (self._drop(tmp, keep=True), int(n), str(digest))
+        elif kind == "snap":
+            if not isinstance(frame[2], ProjectSnapshot):
+                raise TypeError("not a project snapshot")
+            p.result = frame[2]
+        elif kind == "raise":
+            if not isinstance(frame[2], (UpstreamError, UnsafeInput)):
+                raise TypeError(f"not an upstream error: {frame[2]!r:.200}")
+            p.error = frame[2]
         elif kind == "error":
             p.error = DownloadError(p.url, frame[2], frame[3])
         elif kind == "disk":
@@ -204,17 +227,27 @@ class FetchPool:
 
     async def attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> tuple[Path, int, str]:
         """One attempt in the least busy helper: ``(temp, size, sha256)`` of
-        a verified, fsynced temp file.  Raises what ``attempt`` raises, or
+        a verified temp file.  Raises what ``attempt`` raises, or
         ``NoWorker``."""
+        result: tuple[Path, int, str] = await self._call(url, "get", url, sha256, size, limit)
+        return result
+
+    async def page(self, name: str, *, min_serial: int) -> ProjectSnapshot:
+        """``Upstream.project_page`` in the least busy helper.  Raises what
+        it raises (``UpstreamError``, ``UnsafeInput``), or ``NoWorker``."""
+        snap: ProjectSnapshot = await self._call(f"/simple/{name}/", "page", name, min_serial)
+        return snap
+
+    async def _call(self, what: str, kind: str, *args: object) -> Any:
         live = [h for h in self.helpers if h.alive]
         if not live:
             raise NoWorker()
         h = min(live, key=lambda x: len(x.pending))
         rid = next(self._ids)
-        p = h.pending[rid] = _Pending(url)
+        p = h.pending[rid] = _Pending(what)
         assert h.proc.stdin is not None
         try:
-            await send_frame(h.proc.stdin, h.lock, ("get", rid, url, sha256, size, limit))
+            await send_frame(h.proc.stdin, h.lock, (kind, rid, *args))
             await p.done.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             h.pending.pop(rid, None)
@@ -227,13 +260,12 @@ class FetchPool:
                         await send_frame(h.proc.stdin, h.lock, ("cancel", rid))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
-            elif p.result is not None:
+            elif kind == "get" and p.result is not None:
                 p.result[0].unlink(missing_ok=True)
             raise
         if p.error is not None:
             raise p.error
-        result: tuple[Path, int, str] = p.result
-        return result
+        return p.result
 
     async def _close(self) -> None:
         for h in self.helpers:

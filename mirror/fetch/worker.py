@@ -3,9 +3,11 @@
 Started by ``mirror.fetch.pool.FetchPool``.  It reads its setup (the
 upstream config, the layout, the pool size, the log level) from the first
 frame on stdin, then runs one ``attempt`` per ``get`` frame and answers each
-with a verified temp file under ``state/tmp``, or the reason it failed.  The
-parent limits, retries and counts; this process only attempts, and never
-writes anywhere but its temp files.
+with a verified temp file under ``state/tmp``, or the reason it failed, and
+one ``Upstream.project_page`` per ``page`` frame, answered with the parsed
+snapshot (or the error) and the page counts it made.  For files the parent
+limits, retries and counts; this process only attempts, and never writes
+anywhere but its temp files.
 
 It exits when its stdin closes, which is also what happens when the parent
 is killed, and it ignores SIGINT and SIGTERM: systemd signals the whole
@@ -23,11 +25,13 @@ from pathlib import Path
 import trio
 
 from mirror import __version__
-from mirror.errors import DiskError, DownloadError
+from mirror.errors import DiskError, DownloadError, UnsafeInput, UpstreamError
 from mirror.fetch.attempt import attempt
 from mirror.fetch.pool import FrameReader, send_frame
-from mirror.metrics import Metrics
-from mirror.upstream.transport import open_files
+from mirror.metrics import PAGE_COUNTERS, Metrics
+from mirror.model import NormalizedName
+from mirror.upstream.client import Upstream
+from mirror.upstream.transport import open_client, open_files
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +49,21 @@ async def serve() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     scopes: dict[int, trio.CancelScope] = {}
-    # Counted by the parent; these are never read.
+    # File attempts are counted by the parent; page counts go home with
+    # each page's answer, as the difference since the last one.
     metrics = Metrics()
+    shipped = metrics.counts(PAGE_COUNTERS)
+
+    def counts() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        nonlocal shipped
+        now = metrics.counts(PAGE_COUNTERS)
+        delta = {k: v - shipped.get(k, 0.0) for k, v in now.items() if v != shipped.get(k, 0.0)}
+        shipped = now
+        return delta
+
     files = open_files(cfg, workers=workers, version=__version__)
+    client = open_client(cfg, workers=workers, version=__version__)
+    upstream = Upstream(client, cfg, metrics=metrics)
     try:
 
         async def one(rid: int, url: str, sha256: str | None, size: int | None, limit: int | None) -> None:
@@ -56,7 +72,7 @@ async def serve() -> None:
                 scopes[rid] = scope
                 try:
                     v = await attempt(files, url, layout.new_temp(), sha256=sha256, size=size, limit=limit,
-                                      timeout=cfg.timeout, metrics=metrics)
+                                      timeout=cfg.timeout, metrics=metrics, inline=True)
                     reply = ("ok", rid, str(v.tmp), v.size, v.sha256)
                 except DownloadError as e:
                     reply = ("error", rid, e.reason, e.detail)
@@ -73,16 +89,38 @@ async def serve() -> None:
                     if reply[0] == "ok":
                         Path(str(reply[2])).unlink(missing_ok=True)
 
+        async def page(rid: int, name: str, min_serial: int) -> None:
+            reply: tuple[object, ...] | None = None
+            with trio.CancelScope() as scope:
+                scopes[rid] = scope
+                try:
+                    snap = await upstream.project_page(NormalizedName(name), min_serial=min_serial)
+                    reply = ("snap", rid, snap, counts())
+                except (UpstreamError, UnsafeInput) as e:
+                    reply = ("raise", rid, e, counts())
+                except Exception as e:  # a bug: reported, not a dead helper
+                    log.exception("page %s failed", name)
+                    reply = ("bug", rid, f"{type(e).__name__}: {e}")
+            scopes.pop(rid, None)
+            if reply is not None:
+                try:
+                    await send_frame(stdout, out_lock, reply)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
         async with trio.open_nursery() as nursery:
             while (frame := await reader.next()) is not None:
                 if frame[0] == "get":
                     nursery.start_soon(one, *frame[1:])
+                elif frame[0] == "page":
+                    nursery.start_soon(page, *frame[1:])
                 elif frame[0] == "cancel" and frame[1] in scopes:
                     scopes[frame[1]].cancel()
             # stdin closed: the parent is done with us, or gone.
             nursery.cancel_scope.cancel()
     finally:
         await files.aclose()
+        await client.aclose()
 
 
 def main() -> None:

@@ -380,8 +380,11 @@ class State:
         )]
 
     def forget_files(self, paths: Sequence[str]) -> None:
-        """Retired files were deleted from the tree: drop their rows, adjust
-        the totals and list them in the next change list, in one transaction."""
+        """Files about to be deleted from the tree: drop their rows, adjust the
+        totals and list them in the next change list, in one transaction.
+        Their ``retire`` rows stay until ``retired``: a crash between the
+        two deletes them again next cycle, and no row ever names a file that
+        is gone."""
         with self.db:
             for i in range(0, len(paths), 500):
                 chunk = list(paths[i : i + 500])
@@ -391,8 +394,14 @@ class State:
                 ).fetchone()
                 self.db.execute("UPDATE totals SET files=files-?, bytes=bytes-? WHERE id=0", (n, b))
                 self.db.execute(f"DELETE FROM files WHERE path IN ({marks})", chunk)
-                self.db.execute(f"DELETE FROM retire WHERE path IN ({marks})", chunk)
             self.changes.note((p, "retire") for p in paths)
+
+    def retired(self, paths: Sequence[str]) -> None:
+        """The files ``forget_files`` named are deleted from the tree."""
+        with self.db:
+            for i in range(0, len(paths), 500):
+                chunk = list(paths[i : i + 500])
+                self.db.execute(f"DELETE FROM retire WHERE path IN ({','.join('?' * len(chunk))})", chunk)
 
     def tree_totals(self) -> tuple[int, int]:
         """(files, bytes) in the tree, kept as running totals: O(1) at any size."""

@@ -173,18 +173,26 @@ class Tree:
         safe = safe_relpath(rel)
         parent, _, _ = safe.rpartition("/")
         dest = self.web / safe
-        if parent not in self._safe_dirs:
-            cur = self.web
-            for part in safe.split("/")[:-1]:
-                cur = cur / part
+        if parent and parent not in self._safe_dirs:
+            parts = parent.split("/")
+            # Start below the deepest directory already known to be safe:
+            # files live in directories of their own (packages/aa/bb/<hash>/),
+            # so usually one mkdir is all a new file costs.
+            start = len(parts) - 1
+            while start > 0 and "/".join(parts[:start]) not in self._safe_dirs:
+                start -= 1
+            cur = self.web.joinpath(*parts[:start])
+            for i in range(start, len(parts)):
+                cur = cur / parts[i]
                 try:
                     os.mkdir(cur)
                     if durable:
                         _fsync_dir(cur.parent)
                 except FileExistsError:
-                    if cur.is_symlink() or not cur.is_dir():
+                    st = os.lstat(cur)
+                    if not stat.S_ISDIR(st.st_mode):
                         raise UnsafePath(f"{cur} exists and is not a plain directory") from None
-            self._safe_dirs.add(parent)
+                self._safe_dirs.add("/".join(parts[:i + 1]))
         return dest
 
     def _replace(self, tmp: Path, rel: str, *, durable: bool) -> Path:

@@ -61,7 +61,7 @@ from mirror.config import Config
 from mirror.downstream import cycle_end
 from mirror.errors import DiskError, ProjectNotFound, UnsafeInput, UnsafePath, UnsupportedAPIVersion, UpstreamError
 from mirror.fetch.downloader import Downloader
-from mirror.fetch.pool import FetchPool
+from mirror.fetch.pool import FetchPool, NoWorker
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName, ProjectSnapshot, Serial
 from mirror.plan import filters, valve
@@ -129,6 +129,7 @@ class Syncer:
         self.publisher = Publisher(self.deps, CycleReport())
         # Projects of the running cycle not finished yet.
         self.pending = 0
+        self._pages = 0
 
     def request_stop(self) -> None:
         """Start no new project; those in flight finish (the daemon's SIGTERM)."""
@@ -148,7 +149,7 @@ class Syncer:
             yield
             return
         async with FetchPool.open(self.cfg.upstream, self.cfg.layout, processes=n,
-                                  workers=self.cfg.mirror.workers) as pool:
+                                  workers=self.cfg.mirror.workers, metrics=self.metrics) as pool:
             log.info("downloading in %d helper process(es)", n)
             self.downloader.pool = pool
             try:
@@ -176,9 +177,9 @@ class Syncer:
                     if self.progress:
                         self.progress("projects", done, total)
 
-        def unsafe(name: str, e: UnsafePath) -> None:
-            log.error("%s: not published, the tree is unsafe: %s", name, e)
-            self._defer(name, str(e), report)
+        def unsafe(name: str, why: str) -> None:
+            log.error("%s: not published, the tree is unsafe: %s", name, why)
+            self._defer(name, why, report)
 
         self.publisher = Publisher(self.deps, report, on_unsafe=unsafe)
         async with trio.open_nursery() as outer:
@@ -241,7 +242,7 @@ class Syncer:
             await self.publish_snapshot(stored, report)
             return
         try:
-            snap = await self.upstream.project_page(name, min_serial=promised)
+            snap = await self._project_page(name, promised)
         except ProjectNotFound:
             self.state.forget_upstream(name)
             self._remove_or_hold(name, report)
@@ -266,6 +267,19 @@ class Syncer:
             # redirect our writes: leave the project alone, loudly.
             log.error("%s: not published, the tree is unsafe: %s", name, e)
             self._defer(name, str(e), report)
+
+    async def _project_page(self, name: NormalizedName, promised: Serial) -> ProjectSnapshot:
+        """The page, fetched and parsed here or by a helper process: with N
+        helpers, this process takes one page in N + 1 (it also plans,
+        renders and publishes), the helpers the rest."""
+        pool = self.downloader.pool
+        self._pages += 1
+        if pool is not None and self._pages % (len(pool.helpers) + 1):
+            try:
+                return await pool.page(name, min_serial=promised)
+            except NoWorker:
+                pass  # no helper left: here
+        return await self.upstream.project_page(name, min_serial=promised)
 
     async def publish_snapshot(self, upstream_snap: ProjectSnapshot, report: CycleReport) -> None:
         """Mirror one project's snapshot (``ProjectSync``); a page that drops

@@ -11,8 +11,8 @@ Theory of operation
    bytes is refused (an upstream listing one path with two hashes).
 2. ``download``: every fetch concurrently, through the shared limiter.  A
    file a killed run left in place is adopted after a hash check instead.
-   Each verified file is placed in the tree (renamed into place, not yet
-   durable: no page links it yet) in the download's last thread hop.
+   Each verified file stays a temp until the publisher places it, with the
+   rest of its batch, in one thread hop.
 3. ``prepare_pages``: ``planner.finalize`` builds the snapshot to publish
    (only files that are in the tree), the pages are rendered, and their
    digest says whether anything changed.  With ``json_api`` and a changed
@@ -29,7 +29,6 @@ either way.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -97,7 +96,9 @@ class Publication:
     """What one project hands the publisher."""
 
     name: str
-    # verified files placed in the tree: (path, size, sha256)
+    # verified temps to place at their paths
+    temps: list[tuple[Path, str]] = field(default_factory=list)
+    # the files to record once durable (placed temps and adopted files): (path, size, sha256)
     files: list[tuple[str, int, str]] = field(default_factory=list)
     # the pages to write, and the change-list operation for them
     pages: list[tuple[str, bytes]] = field(default_factory=list)
@@ -133,7 +134,9 @@ class ProjectSync:
         self.present: dict[str, tuple[int, str]] = {}
         self.fetches: list[planner.Fetch] = []
         self.errors: list[str] = []
-        # Files placed in the tree (or adopted) by this project, to record.
+        # Verified temps, to be placed at their paths by the publisher.
+        self.temps: list[tuple[Path, str]] = []
+        # Files downloaded (in ``temps``) or adopted in place, to record.
         self.recorded: list[tuple[str, int, str]] = []
         # Set by prepare_pages:
         self.published = upstream_snap
@@ -183,10 +186,18 @@ class ProjectSync:
         tree = self.d.tree
         # Left in place by a killed run?  One stat hop for the whole project.
         existing = await trio.to_thread.run_sync(tree.existing, [j.rel for j in self.fetches]) if self.fetches else set()
-        async with trio.open_nursery() as nursery:
-            self.report.files_planned += len(self.fetches)
-            for job in self.fetches:
-                nursery.start_soon(self._fetch_counted, job, job.rel in existing)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.report.files_planned += len(self.fetches)
+                for job in self.fetches:
+                    nursery.start_soon(self._fetch_counted, job, job.rel in existing)
+        except BaseException:
+            # A sibling's disk error, or a stop: a long-running daemon must
+            # not leak verified temps into state/tmp.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(tree.discard_all, self.temps)
+            self.temps.clear()
+            raise
         return not self.errors
 
     async def _fetch_counted(self, job: planner.Fetch, on_disk: bool) -> None:
@@ -216,11 +227,8 @@ class ProjectSync:
         # Only bodies of unknown size are capped (a known size is enforced
         # exactly): sidecars are documents, cut at the page cap.
         limit = up.max_unknown_file_bytes if job.kind == "dist" else up.max_page_bytes
-        # Files are placed by the tree in the download's last thread hop;
-        # provenance is checked as JSON first.
-        commit = None if job.kind == "provenance" else functools.partial(tree.place, rel=job.rel)
         try:
-            v = await self.d.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit, commit=commit)
+            v = await self.d.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit)
         except UnsafeInput as e:
             self._refuse(job, e)
             return
@@ -232,26 +240,15 @@ class ProjectSync:
             log.warning("%s: %s failed: %s", self.name, job.filename, e)
             self.errors.append(f"{job.filename}: {e.reason}")
             return
-        committed = commit is not None
-        try:
-            if job.kind == "provenance" and not await trio.to_thread.run_sync(_is_json_file, v.tmp):
-                self.d.metrics.rejected.labels("malformed").inc()
-                log.warning("%s: provenance for %s is not valid JSON; not mirrored", self.name, job.filename[:-11])
-                return
-            try:
-                if not committed:
-                    await trio.to_thread.run_sync(tree.place, v.tmp, job.rel)
-            except UnsafeInput as e:
-                # e.g. a directory on the path is a symlink: refuse this file only.
-                self._refuse(job, e)
-                return
-            committed = True
-        finally:
-            if not committed:
-                # Also when a sibling's disk error cancels us: a long-running
-                # daemon must not leak verified temps into state/tmp.
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(tree.discard, v.tmp)
+        # From here the temp is this project's until the publisher places it.
+        self.temps.append((v.tmp, job.rel))
+        if job.kind == "provenance" and not await trio.to_thread.run_sync(_is_json_file, v.tmp):
+            self.d.metrics.rejected.labels("malformed").inc()
+            log.warning("%s: provenance for %s is not valid JSON; not mirrored", self.name, job.filename[:-11])
+            self.temps.remove((v.tmp, job.rel))
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(tree.discard, v.tmp)
+            return
         self.recorded.append((job.rel, v.size, v.sha256))
         self.present[job.rel] = (v.size, v.sha256)
         self.report.files_downloaded += 1
@@ -292,10 +289,13 @@ class ProjectSync:
     def publication(self, *, pages: bool = True) -> Publication:
         """What the publisher records: the files, and (``pages``) the pages
         and the project row."""
+        # Handed over: the publisher places (or discards) the temps and records the files.
+        temps, self.temps = self.temps, []
+        files, self.recorded = self.recorded, []
         if not pages:
-            return Publication(self.name, files=self.recorded)
+            return Publication(self.name, temps=temps, files=files)
         return Publication(
-            self.name, files=self.recorded, pages=self.pages, op="add" if self.current is None else "replace",
+            self.name, temps=temps, files=files, pages=self.pages, op="add" if self.current is None else "replace",
             published=self.published, upstream=self.upstream_snap, digest=self.digest, refs=self.refs,
         )
 
