@@ -21,7 +21,6 @@ between a batch's files and its pages.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sqlite3
 import sys

@@ -24,7 +24,7 @@ These steps run after the root index is written (see the order in
 3. *Trace*, written last: a reader that sees generation N in the trace finds
    lists 1..N complete and every change they name in place.
 
-Everything goes through ``Tree`` (temp, fsync, rename), like the pages.
+Everything goes through ``Tree`` (temp, fsync, rename, directory fsync).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ deleted only ``retire_after`` after the last page stopped linking it.  A pull:
 
 Every path is ``mirror.layout.PullLayout``'s, and every write into DEST
 that is not rsync's own goes through ``mirror.publish.tree.Tree``, with the
-same symlink refusal and directory fsyncs as on a primary.
+same symlink refusal and durability barriers as on a primary.
 
 1. copies the source's ``trace/`` and picks the source's trace; when its
    epoch and generation equal those of our own trace, there is nothing to do;

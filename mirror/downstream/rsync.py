@@ -88,8 +88,8 @@ class Rsync:
                 self._fsync = False
                 return False
             if not self._fsync:
-                log.warning("%s has no --fsync (rsync >= 3.2.4): received files are not flushed to disk "
-                            "before they are published, so a power cut may leave some empty", self.binary)
+                log.warning("%s has no --fsync (rsync >= 3.2.4): received files reach the disk only with "
+                            "the syncfs that mirror pull runs before it publishes pages", self.binary)
         return self._fsync
 
     async def run(self, args: Sequence[str], *, what: str, source: str = "", ok: Iterable[int] = (0,)) -> Result:

@@ -6,10 +6,10 @@ client, the hashing and the event loop, while the second core waits.  With
 ``[mirror] download_processes = N`` a large cycle starts N helper processes
 (``python -m mirror.fetch.worker``), each with its own trio loop and pooled
 client.  A helper runs the same ``attempt`` the main process runs: stream
-into a temp file under ``state/tmp``, check size and sha256, fsync, and
-answer with the verified temp file.  It never touches ``web/``: the parent
-commits (renames) the file, so every decision about final paths, the
-publish order and the state stays in one process.
+into a temp file under ``state/tmp``, check size and sha256, and answer
+with the verified temp file.  It never touches ``web/``: the parent places
+(renames) the file and makes it durable, so every decision about final
+paths, the publish order and the state stays in one process.
 
 A helper also fetches and parses project pages (``Upstream.project_page``,
 with its stale-page and malformed-page retries), which in a first sync cost

@@ -16,10 +16,12 @@ unit, and the parent must be the one that decides what finishes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -66,54 +68,48 @@ async def serve() -> None:
     upstream = Upstream(client, cfg, metrics=metrics)
     try:
 
-        async def one(rid: int, url: str, sha256: str | None, size: int | None, limit: int | None) -> None:
+        async def answer(rid: int, what: str, job: Callable[[], Awaitable[tuple[object, ...]]]) -> None:
+            """Run one job and send its reply; a bug is reported, not a dead helper."""
             reply: tuple[object, ...] | None = None
             with trio.CancelScope() as scope:
                 scopes[rid] = scope
                 try:
-                    v = await attempt(files, url, layout.new_temp(), sha256=sha256, size=size, limit=limit,
-                                      timeout=cfg.timeout, metrics=metrics, inline=True)
-                    reply = ("ok", rid, str(v.tmp), v.size, v.sha256)
-                except DownloadError as e:
-                    reply = ("error", rid, e.reason, e.detail)
-                except DiskError as e:
-                    reply = ("disk", rid, str(e))
-                except Exception as e:  # a bug: reported, not a dead helper
-                    log.exception("download of %s failed", url)
+                    reply = await job()
+                except Exception as e:
+                    log.exception("%s failed", what)
                     reply = ("bug", rid, f"{type(e).__name__}: {e}")
             scopes.pop(rid, None)
-            if reply is not None:
-                try:
-                    await send_frame(stdout, out_lock, reply)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    if reply[0] == "ok":
-                        Path(str(reply[2])).unlink(missing_ok=True)
+            if reply is None:
+                return  # cancelled by the parent
+            try:
+                await send_frame(stdout, out_lock, reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if reply[0] == "ok":
+                    Path(str(reply[2])).unlink(missing_ok=True)
 
-        async def page(rid: int, name: str, min_serial: int) -> None:
-            reply: tuple[object, ...] | None = None
-            with trio.CancelScope() as scope:
-                scopes[rid] = scope
-                try:
-                    snap = await upstream.project_page(NormalizedName(name), min_serial=min_serial)
-                    reply = ("snap", rid, snap, counts())
-                except (UpstreamError, UnsafeInput) as e:
-                    reply = ("raise", rid, e, counts())
-                except Exception as e:  # a bug: reported, not a dead helper
-                    log.exception("page %s failed", name)
-                    reply = ("bug", rid, f"{type(e).__name__}: {e}")
-            scopes.pop(rid, None)
-            if reply is not None:
-                try:
-                    await send_frame(stdout, out_lock, reply)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+        async def get(rid: int, url: str, sha256: str | None, size: int | None, limit: int | None) -> tuple[object, ...]:
+            try:
+                v = await attempt(files, url, layout.new_temp(), sha256=sha256, size=size, limit=limit,
+                                  timeout=cfg.timeout, metrics=metrics, inline=True)
+            except DownloadError as e:
+                return ("error", rid, e.reason, e.detail)
+            except DiskError as e:
+                return ("disk", rid, str(e))
+            return ("ok", rid, str(v.tmp), v.size, v.sha256)
+
+        async def page(rid: int, name: str, min_serial: int) -> tuple[object, ...]:
+            try:
+                snap = await upstream.project_page(NormalizedName(name), min_serial=min_serial)
+            except (UpstreamError, UnsafeInput) as e:
+                return ("raise", rid, e, counts())
+            return ("snap", rid, snap, counts())
 
         async with trio.open_nursery() as nursery:
             while (frame := await reader.next()) is not None:
                 if frame[0] == "get":
-                    nursery.start_soon(one, *frame[1:])
+                    nursery.start_soon(answer, frame[1], f"download of {frame[2]}", functools.partial(get, *frame[1:]))
                 elif frame[0] == "page":
-                    nursery.start_soon(page, *frame[1:])
+                    nursery.start_soon(answer, frame[1], f"page {frame[2]}", functools.partial(page, *frame[1:]))
                 elif frame[0] == "cancel" and frame[1] in scopes:
                     scopes[frame[1]].cancel()
             # stdin closed: the parent is done with us, or gone.

@@ -62,7 +62,8 @@ import hashlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from mirror.errors import DiskError, UnsafePath
@@ -228,17 +229,23 @@ class Tree:
         return cur
 
     # -- batched durability ------------------------------------------------------
-    def place(self, tmp: Path, rel: str) -> None:
-        """Rename a complete, verified temp into ``rel``; durable only once a
-        later ``barrier`` returns (nothing may link it before that)."""
+    @contextmanager
+    def _publishing(self, tmp: Path, rel: str) -> Iterator[None]:
+        """On any failure the temp goes, and an OS error is a ``DiskError``."""
         try:
-            self._replace(tmp, rel, durable=False)
+            yield
         except UnsafePath:
             self.discard(tmp)
             raise
         except OSError as e:
             self.discard(tmp)
             raise DiskError.of(e, f"publishing {rel}") from None
+
+    def place(self, tmp: Path, rel: str) -> None:
+        """Rename a complete, verified temp into ``rel``; durable only once a
+        later ``barrier`` returns (nothing may link it before that)."""
+        with self._publishing(tmp, rel):
+            self._replace(tmp, rel, durable=False)
 
     def write_temps(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[Path, str]]:
         """Each ``(rel, bytes)`` into a temp of its own (no fsync: a barrier
@@ -293,15 +300,8 @@ class Tree:
     # -- one at a time ------------------------------------------------------------
     def commit_file(self, tmp: Path, rel: str) -> None:
         """Rename a complete, fsynced temp into ``rel`` and fsync its directory."""
-        try:
-            dest = self._replace(tmp, rel, durable=True)
-            _fsync_dir(dest.parent)
-        except UnsafePath:
-            self.discard(tmp)
-            raise
-        except OSError as e:
-            self.discard(tmp)
-            raise DiskError.of(e, f"publishing {rel}") from None
+        with self._publishing(tmp, rel):
+            _fsync_dir(self._replace(tmp, rel, durable=True).parent)
 
     def write_files(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Durably replace each ``rel`` with its bytes (temp, fsync, rename,

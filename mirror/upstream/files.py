@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -119,18 +119,10 @@ class _Response:
     headers: dict[bytes, bytes]
     timeout: float
     done: bool = False
-    _pending: list[bytes] = field(default_factory=list)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        conn = self.conn
         while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as e:
-                raise httpx.RemoteProtocolError(str(e)) from None
-            if event is h11.NEED_DATA:
-                conn.h11.receive_data(await self.pool._receive(conn, self.timeout))
-                continue
+            event = await self.pool._next_event(self.conn)
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -156,6 +148,18 @@ class FilePool:
         self.connections_opened = 0
 
     # -- connections ---------------------------------------------------------------
+    async def _next_event(self, conn: _Connection) -> h11.Event | type[h11.PAUSED]:
+        """The next h11 event, reading from the connection as it needs."""
+        while True:
+            try:
+                event = conn.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                raise httpx.RemoteProtocolError(str(e)) from None
+            if event is h11.NEED_DATA:
+                conn.h11.receive_data(await self._receive(conn, self.timeout))
+            else:
+                return cast("h11.Event | type[h11.PAUSED]", event)
+
     async def _receive(self, conn: _Connection, timeout: float) -> bytes:
         try:
             with trio.fail_after(timeout):
@@ -286,13 +290,8 @@ class FilePool:
             raise httpx.WriteError(f"{type(e).__name__}: {e}") from None
         conn.requests += 1
         while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as e:
-                raise httpx.RemoteProtocolError(str(e)) from None
-            if event is h11.NEED_DATA:
-                conn.h11.receive_data(await self._receive(conn, self.timeout))
-            elif isinstance(event, h11.Response):
+            event = await self._next_event(conn)
+            if isinstance(event, h11.Response):
                 return event
             elif isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError("server closed the connection without a response")
