@@ -195,6 +195,9 @@ async def test_faults_through_helpers_end_in_a_complete_mirror(kind: str, tmp_pa
         assert (metrics.registry.get_sample_value("mirror_download_errors_total", {"reason": reason}) or 0) > 0
         assert metrics.registry.get_sample_value("mirror_files_downloaded_total") == downloaded > 0
         assert served == downloaded  # every file came through a helper
+        # and every answered request of theirs is counted at home
+        requests = metrics.registry.get_sample_value("mirror_upstream_requests_total", {"kind": "file"}) or 0
+        assert requests >= downloaded
 
 
 def test_default_leaves_one_cpu_to_the_main_process() -> None:

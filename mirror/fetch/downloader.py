@@ -28,6 +28,9 @@ from mirror.upstream.retry import GONE, RetryPolicy
 
 log = logging.getLogger(__name__)
 
+# Attempts that failed before any response arrived.
+_UNANSWERED = frozenset({"connection", "timeout"})
+
 
 class Downloader:
     def __init__(
@@ -79,7 +82,14 @@ class Downloader:
                 tmp, n, digest = await self.pool.attempt(url, sha256=sha256, size=size, limit=limit)
             except NoWorker:
                 pass  # no helper left: download here
+            except DownloadError as e:
+                # Counted here, as ``attempt`` counts in-process: a request
+                # is one that got an answer.
+                if e.reason not in _UNANSWERED:
+                    self.metrics.upstream_requests.labels("file").inc()
+                raise
             else:
+                self.metrics.upstream_requests.labels("file").inc()
                 return Verified(tmp, n, digest)
         return await attempt(self.files, url, self.tmp / new_temp_name(), sha256=sha256, size=size, limit=limit,
                              timeout=self.cfg.timeout, metrics=self.metrics)
