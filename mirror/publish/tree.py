@@ -230,21 +230,22 @@ class Tree:
 
     # -- batched durability ------------------------------------------------------
     @contextmanager
-    def _publishing(self, tmp: Path, rel: str) -> Iterator[None]:
-        """On any failure the temp goes, and an OS error is a ``DiskError``."""
+    def _or_discard(self, temps: Sequence[tuple[Path, str]], what: str) -> Iterator[None]:
+        """On any failure the temps go (those already renamed are gone
+        anyway), and an OS error is a ``DiskError`` saying ``what`` failed."""
         try:
             yield
         except UnsafePath:
-            self.discard(tmp)
+            self.discard_all(temps)
             raise
         except OSError as e:
-            self.discard(tmp)
-            raise DiskError.of(e, f"publishing {rel}") from None
+            self.discard_all(temps)
+            raise DiskError.of(e, what) from None
 
     def place(self, tmp: Path, rel: str) -> None:
         """Rename a complete, verified temp into ``rel``; durable only once a
         later ``barrier`` returns (nothing may link it before that)."""
-        with self._publishing(tmp, rel):
+        with self._or_discard([(tmp, rel)], f"publishing {rel}"):
             self._replace(tmp, rel, durable=False)
 
     def write_temps(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[Path, str]]:
@@ -255,7 +256,7 @@ class Tree:
         temp: one write fewer per page."""
         temps: list[tuple[Path, str]] = []
         written: dict[int, Path] = {}
-        try:
+        with self._or_discard(temps, f"writing {items[0][0] if items else 'pages'}"):
             for rel, data in items:
                 safe_relpath(rel)
                 tmp = self.new_temp()
@@ -270,12 +271,6 @@ class Tree:
                 with open(tmp, "wb") as f:
                     f.write(data)
                 written[id(data)] = tmp
-        except UnsafePath:
-            self.discard_all(temps)
-            raise
-        except OSError as e:
-            self.discard_all(temps)
-            raise DiskError.of(e, f"writing {items[0][0] if items else 'pages'}") from None
         return temps
 
     def place_all(self, temps: Sequence[tuple[Path, str]]) -> None:
@@ -300,7 +295,7 @@ class Tree:
     # -- one at a time ------------------------------------------------------------
     def commit_file(self, tmp: Path, rel: str) -> None:
         """Rename a complete, fsynced temp into ``rel`` and fsync its directory."""
-        with self._publishing(tmp, rel):
+        with self._or_discard([(tmp, rel)], f"publishing {rel}"):
             _fsync_dir(self._replace(tmp, rel, durable=True).parent)
 
     def write_files(self, items: Sequence[tuple[str, bytes]]) -> None:
@@ -310,7 +305,7 @@ class Tree:
         All temps are written and fsynced before the first rename, so a full
         disk leaves the old files untouched."""
         temps = self.write_temps(items)
-        try:
+        with self._or_discard(temps, f"writing {items[0][0] if items else 'pages'}"):
             fsynced: set[int] = set()
             for tmp, _ in temps:
                 fd = os.open(tmp, os.O_RDONLY)
@@ -326,12 +321,6 @@ class Tree:
                 dirs[self._replace(tmp, rel, durable=True).parent] = None
             for d in dirs:
                 _fsync_dir(d)
-        except UnsafePath:
-            self.discard_all(temps)
-            raise
-        except OSError as e:
-            self.discard_all(temps)
-            raise DiskError.of(e, f"writing {items[0][0] if items else 'pages'}") from None
 
     def existing(self, rels: Iterable[str]) -> set[str]:
         """Which of ``rels`` already exist as plain files (one stat each).
