@@ -75,7 +75,8 @@ def print_table(res: dict[str, Any]) -> None:
         print(f"{'':14} {'wall s':>8} {'files/s':>9} {'MB/s':>8} {'CPU s':>8} {'CPU/file':>9} {'peak RSS':>10} "
               f"{'host CPU':>9}")
         for key, label in (("raw", "raw (httpx)"), ("curl", "curl+sha256sum"), ("bandersnatch", "bandersnatch"),
-                           ("mirror", "mirror sync"), ("raw_disk", "raw+disk"), ("raw_disk_2", "raw+disk x2")):
+                           ("mirror", "mirror sync"), ("raw_disk", "raw+disk"), ("raw_disk_2", "raw+disk x2"),
+                           ("lean_disk_2", "lean+syncfs x2")):
             if key not in s:
                 continue
             m = s[key]

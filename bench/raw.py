@@ -4,7 +4,15 @@ No mirror logic: no pages, no state, no planning.  ``concurrency`` streams
 on one pooled httpx client under trio, the same stack and the same number of
 workers as the mirror.  With ``--disk DIR`` each file is also written to a
 temp file, fsynced and renamed (one thread hop per file), which is the floor
-any durable mirror pays on this disk.  Prints one JSON line.
+any durable mirror pays on this disk.
+
+``--client lean`` swaps httpx for the mirror's own file client
+(``mirror.upstream.files.FilePool``: h11 over trio sockets), and with
+``--disk`` writes each file without an fsync and makes them all durable with
+one ``syncfs`` at the end: the cheapest Python path this project has, with
+the durability a batch barrier gives and no mirror logic at all.  Run in two
+processes (``--shard``), it is the floor of a Python mirror on two cores.
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -37,6 +45,54 @@ def _store(directory: Path, n: int, chunks: list[bytes]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write(directory: Path, n: int, chunks: list[bytes]) -> None:
+    with open(directory / f"{n}", "wb") as f:
+        for c in chunks:
+            f.write(c)
+
+
+def _syncfs(directory: Path) -> None:
+    from mirror.publish.tree import sync_filesystem
+
+    sync_filesystem(directory)
+
+
+async def fetch_lean(base: str, manifest: list[tuple[str, int, str]], *, concurrency: int,
+                     disk: Path | None) -> dict[str, float]:
+    from mirror.upstream.files import FilePool
+    from mirror.upstream.transport import tls_context
+
+    pool = FilePool(ssl_context=tls_context(), user_agent="bench", timeout=60, allow_http=True)
+    total = bad = 0
+    todo = iter(enumerate(manifest))
+
+    async def worker() -> None:
+        nonlocal total, bad
+        for n, (path, size, sha) in todo:
+            h = hashlib.sha256()
+            chunks: list[bytes] = []
+            async with pool.stream(base + path) as r:
+                async for chunk in r.chunks():
+                    h.update(chunk)
+                    if disk is not None:
+                        chunks.append(chunk)
+            if r.status != 200 or h.hexdigest() != sha:
+                bad += 1
+            total += size
+            if disk is not None:
+                await trio.to_thread.run_sync(_write, disk, n, chunks)
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    if disk is not None:
+        await trio.to_thread.run_sync(_syncfs, disk)
+    wall = time.perf_counter() - t0
+    await pool.aclose()
+    return {"files": len(manifest), "bytes": total, "bad": bad, "wall": wall}
 
 
 async def fetch_all(base: str, manifest: list[tuple[str, int, str]], *, concurrency: int, disk: Path | None) -> dict[str, float]:
@@ -76,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", required=True)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--disk", help="also write+fsync+rename each file into this directory")
+    p.add_argument("--client", choices=("httpx", "lean"), default="httpx")
     p.add_argument("--shard", default="0/1", help="K/N: only every N-th URL, starting at the K-th")
     args = p.parse_args(argv)
     k, n = (int(x) for x in args.shard.split("/"))
@@ -83,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     disk = Path(args.disk) if args.disk else None
     if disk is not None:
         disk.mkdir(parents=True, exist_ok=True)
-    result = trio.run(lambda: fetch_all(args.url, manifest, concurrency=args.concurrency, disk=disk))
+    fetch = fetch_lean if args.client == "lean" else fetch_all
+    result = trio.run(lambda: fetch(args.url, manifest, concurrency=args.concurrency, disk=disk))
     print(json.dumps(result), flush=True)
     return 0 if not result["bad"] else 1
 

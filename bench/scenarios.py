@@ -140,7 +140,7 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
     out: dict[str, Any] = {"corpus": {**stats.__dict__, "urls": n_urls, "generate_s": gen}, "rounds": rounds,
                            "download_processes": default_download_processes()}
     keys = ["raw", "curl", *(["bandersnatch"] if bandersnatch else []), "mirror",
-            *(["raw_disk", "raw_disk_2"] if floors else [])]
+            *(["raw_disk", "raw_disk_2", "lean_disk_2"] if floors else [])]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
     with Upstream(root, work / "run-sync") as up:
         out["server"] = up.server
@@ -212,6 +212,17 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
                 if rawd2["rc"] != 0:
                     raise RuntimeError(f"raw+disk x2 failed: {rawd2['stdout'][-2000:]}")
                 runs["raw_disk_2"].append(_rates(rawd2, n_urls, stats.bytes))
+                up.traffic()
+                # The Python floor: the mirror's own file client on both
+                # cores, files written and made durable by one syncfs each.
+                settle()
+                lean2 = run_children([[py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest),
+                                       "--client", "lean", "--concurrency", str(max(1, workers // 2)),
+                                       "--disk", str(disk_dir / str(k)), "--shard", f"{k}/2"] for k in range(2)])
+                shutil.rmtree(disk_dir, ignore_errors=True)
+                if lean2["rc"] != 0:
+                    raise RuntimeError(f"lean+disk x2 failed: {lean2['stdout'][-2000:]}")
+                runs["lean_disk_2"].append(_rates(lean2, n_urls, stats.bytes))
                 up.traffic()
     for key, rs in runs.items():
         out[key] = _median_run(rs)

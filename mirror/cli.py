@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from mirror import __version__
+from mirror import __version__, logfmt
 from mirror.config import Config, load_config
 from mirror.errors import (
     ConfigError,
@@ -99,11 +99,8 @@ def setup_logging(level: str, fmt: str) -> None:
     handler = _StderrHandler()
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
-    elif os.environ.get("JOURNAL_STREAM"):
-        # journald stamps every line itself.
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logfmt.formatter_for(logfmt.stderr_is_journal(os.environ.get("JOURNAL_STREAM"), os.fstat)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

@@ -16,10 +16,10 @@ UNITS = Path(__file__).resolve().parent.parent / "systemd"
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_pull_units_verify_and_are_hardened(tmp_path: Path) -> None:
     service = (UNITS / "mirror-pull.service").read_text()
-    assert "/opt/mirror/.venv/bin/mirror pull " in service
+    assert "/opt/mirror/venv/bin/mirror pull " in service
     # verify checks that ExecStart exists: point it at this checkout's CLI.
     mirror_bin = Path(sys.executable).with_name("mirror")
-    (tmp_path / "mirror-pull.service").write_text(service.replace("/opt/mirror/.venv/bin/mirror", str(mirror_bin)))
+    (tmp_path / "mirror-pull.service").write_text(service.replace("/opt/mirror/venv/bin/mirror", str(mirror_bin)))
     shutil.copy(UNITS / "mirror-pull.timer", tmp_path / "mirror-pull.timer")
     r = subprocess.run(
         ["systemd-analyze", "verify", "mirror-pull.service", "mirror-pull.timer"],

@@ -106,3 +106,18 @@ async def test_a_blocked_event_loop_stops_pinging(listener: tuple[socket.socket,
         assert drain(sock), "pings resume once the loop turns again"
         nursery.cancel_scope.cancel()
     n.close()
+
+
+def test_reloading_carries_the_monotonic_time(listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    n = Notifier.from_environ({"NOTIFY_SOCKET": path})
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    n.reloading("reloading")
+    n.ready("reloaded")
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    n.close()
+    first, second = drain(sock)
+    fields = dict(line.split("=", 1) for line in first.split("\n"))
+    assert fields["RELOADING"] == "1" and fields["STATUS"] == "reloading"
+    assert before <= int(fields["MONOTONIC_USEC"]) <= after
+    assert second == "READY=1\nSTATUS=reloaded"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from mirror import __version__
+from mirror import __version__, logfmt
 from mirror.errors import DiskError, DownloadError, UnsafeInput, UpstreamError
 from mirror.fetch.attempt import attempt
 from mirror.fetch.pool import FrameReader, send_frame
@@ -47,7 +47,10 @@ async def serve() -> None:
     if first is None:
         return
     cfg, layout, workers, level = first
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logfmt.formatter_for(logfmt.stderr_is_journal(os.environ.get("JOURNAL_STREAM"), os.fstat),
+                                              "%(levelname)s %(name)s[%(process)d]: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     scopes: dict[int, trio.CancelScope] = {}

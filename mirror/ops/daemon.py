@@ -23,6 +23,9 @@ the metrics exporter, the sd_notify watchdog, and the poll loop
   state change one SQLite transaction; the kernel drops the flock).
 * SIGHUP: the config file is read again between cycles.  A bad file, or one
   that moves ``mirror.directory``, is logged and the running config kept.
+  systemd hears ``RELOADING=1`` (with ``MONOTONIC_USEC``) at the signal and
+  ``READY=1`` once the new config is in force or was refused, which is the
+  ``Type=notify-reload`` protocol; a reload during a cycle waits for its end.
   The Syncer is rebuilt (workers, filters); the httpx client only when the
   upstream settings or its pool size changed.
 """
@@ -98,6 +101,7 @@ class Daemon:
         # every cycle that read the feed.
         self._upstream_serial = 0
         self._last_status = -1e9
+        self._reload_outcome = ""
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -155,8 +159,10 @@ class Daemon:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading %s %s", self.config_path,
-                             "after this cycle" if self.scheduler.in_cycle else "now")
+                    when = "after this cycle" if self.scheduler.in_cycle else "now"
+                    log.info("SIGHUP: reloading %s %s", self.config_path, when)
+                    if not self.scheduler.reload_requested:
+                        self.notifier.reloading(self._summary(f"reloading the config {when}"))
                     self.scheduler.request_reload()
                 elif not self.scheduler.stop_requested.is_set():
                     self.request_stop(name)
@@ -239,7 +245,16 @@ class Daemon:
 
     # -- reload -----------------------------------------------------------------
     async def reload(self) -> DaemonConfig:
-        """Apply the config file again; on any problem keep the running one."""
+        """Apply the config file again; on any problem keep the running one.
+        READY=1 follows either way: a refused reload is a finished one too,
+        and systemd's reload job (``Type=notify-reload``) waits for it."""
+        self._reload_outcome = "reload failed"
+        try:
+            return await self._reload()
+        finally:
+            self.notifier.ready(self._summary(self._reload_outcome))
+
+    async def _reload(self) -> DaemonConfig:
         old = self.cfg
         try:
             if self.config_path is None:
@@ -250,6 +265,7 @@ class Daemon:
         except ConfigError as e:
             self.metrics.reloads.labels("error").inc()
             log.error("reload failed, keeping the running config: %s", e)
+            self._reload_outcome = "reload refused, running config kept"
             return old.daemon
         if new.metrics.listen != old.metrics.listen:
             log.warning("metrics.listen: the change to %r takes effect at the next restart", new.metrics.listen)
@@ -262,5 +278,6 @@ class Daemon:
         self._syncer = self._mirror.syncer(progress=self._progress)
         self.metrics.reloads.labels("ok").inc()
         log.info("config reloaded from %s: %s", new.source, "; ".join(changes) or "no change")
+        self._reload_outcome = "config reloaded"
         return new.daemon
 

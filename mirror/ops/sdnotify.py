@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 import trio
@@ -84,6 +85,13 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self.send(READY="1", STATUS=status)
+
+    def reloading(self, status: str) -> None:
+        """``RELOADING=1`` with ``MONOTONIC_USEC`` (what ``Type=notify-reload``,
+        systemd >= 253, requires; older versions read RELOADING=1 alone).  A
+        ``ready`` must follow once the reload is done or refused."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send(RELOADING="1", MONOTONIC_USEC=str(usec), STATUS=status)
 
     def status(self, status: str) -> None:
         self.send(STATUS=status)
