@@ -85,6 +85,14 @@ def print_table(res: dict[str, Any]) -> None:
         for n, x in enumerate(s["ratios"], 1):
             print(f"round {n}: " + ", ".join(f"{k} {v:.2f}x" for k, v in x.items()))
         print("median: " + ", ".join(f"{k} {s[k]:.2f}x" for k in s["ratios"][0]))
+    cz = res.get("compression")
+    if cz:
+        print(f"\ncompression: {cz['projects']} projects; root {_mb(cz['root_raw_bytes'])} raw")
+        for key in ("identity", "gzip"):
+            c = cz[key]
+            print(f"  {key:9} root + XML-RPC listing: {_mb(c['wire_bytes'])} on the wire "
+                  f"(decoded: root {_mb(c['decoded_root'])}, listing {_mb(c['decoded_xmlrpc'])})")
+        print(f"  gzip saves {_mb(cz['saved_bytes'])} ({(1 - cz['ratio']) * 100:.0f}%)")
     sc = res.get("scale")
     if sc:
         print(f"\nscale: {sc['projects']} projects pre-seeded, seeded in {sc['seed_s']:.1f}s, "
@@ -112,7 +120,8 @@ def print_table(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("scenarios", nargs="*", metavar="{sync,scale,root}", help="which scenarios to run (default: all)")
+    p.add_argument("scenarios", nargs="*", metavar="{sync,scale,root,compression}",
+                   help="which scenarios to run (default: all)")
     p.add_argument("--files", type=int, default=8570, help="distribution files in the sync corpus")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--workers", type=int, default=16, help="mirror workers = raw baseline concurrency")
@@ -134,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     if args.quick:
         args.files, args.scale_projects, args.root_projects, args.cycles, args.rounds = 600, 20_000, 60_000, 6, 1
-    wanted = args.scenarios or ["sync", "scale", "root"]
-    if set(wanted) - {"sync", "scale", "root"}:
-        p.error(f"unknown scenario(s): {', '.join(sorted(set(wanted) - {'sync', 'scale', 'root'}))}")
+    wanted = args.scenarios or ["sync", "scale", "root", "compression"]
+    if set(wanted) - {"sync", "scale", "root", "compression"}:
+        p.error(f"unknown scenario(s): {', '.join(sorted(set(wanted) - {'sync', 'scale', 'root', 'compression'}))}")
     res: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "params": {k: v for k, v in vars(args).items() if k not in ("output",)},
@@ -157,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         if "root" in wanted:
             print(f"root: seeding {args.root_projects} projects ...", file=sys.stderr, flush=True)
             res["root"] = scenarios.root_publish(work, projects=args.root_projects, repeat=args.repeat, keep=args.keep)
+        if "compression" in wanted:
+            print(f"compression: the root and the XML-RPC listing of {args.scale_projects} projects ...",
+                  file=sys.stderr, flush=True)
+            res["compression"] = scenarios.compression(work, projects=args.scale_projects)
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
             work.rename(work.with_name(work.name + "-kept"))

@@ -377,3 +377,56 @@ def root_publish(work: Path, *, projects: int, repeat: int, keep: bool) -> dict[
         "wall": statistics.median(r["wall"] for r in runs), "wall_max": max(r["wall"] for r in runs),
         "cpu": statistics.median(r["cpu"] for r in runs), "peak_rss": runs[-1]["peak_rss"],
     }
+
+
+def compression(work: Path, *, projects: int) -> dict[str, Any]:
+    """Bytes on the wire for what grows with the index, with and without gzip:
+    the PEP 691 root (rendered by the mirror's own renderer for ``projects``
+    synthetic projects) and the XML-RPC ``list_packages_with_serial`` a first
+    sync reads, both fetched through nginx with the mirror's own client, once
+    as it asks by default and once with ``Accept-Encoding: identity``."""
+    import xmlrpc.client
+
+    from mirror.publish import render
+    from mirror.upstream.parse import JSON_TYPE
+    from mirror.upstream.transport import open_client
+
+    root = work / "compression-upstream"
+    (root / "simple").mkdir(parents=True, exist_ok=True)
+    names = [f"project-{i:06d}-{random.Random(i).choice(['lib', 'py', 'tools', 'client'])}" for i in range(projects)]
+    rows = ((n, n, i + 1) for i, n in enumerate(names))
+    with open(root / "simple" / "index.v1_json", "wb") as f:
+        for _html, js in render.iter_root(rows, serial=projects, html=False):
+            f.write(js)
+    (root / "feed.json").write_text(json.dumps({"serial": projects, "listing": {n: i + 1 for i, n in enumerate(names)}}))
+    out: dict[str, Any] = {"projects": projects, "root_raw_bytes": (root / "simple" / "index.v1_json").stat().st_size}
+    cfg = write_config(work / "compression.toml", "http://127.0.0.1:9", work / "unused", workers=1, xmlrpc_interval=0)
+    from mirror.config import load_config
+
+    upcfg = load_config(cfg).upstream
+    body = xmlrpc.client.dumps((), "list_packages_with_serial").encode()
+    with Upstream(root, work / "run-compression", gzip=True) as up:
+
+        async def fetch(identity: bool) -> tuple[int, int]:
+            client = open_client(upcfg, workers=1, version="bench")
+            extra = {"Accept-Encoding": "identity"} if identity else {}
+            try:
+                r1 = await client.get(f"{up.url}/simple/", headers={"Accept": JSON_TYPE, **extra})
+                r2 = await client.post(f"{up.url}/pypi", content=body, headers={"Content-Type": "text/xml", **extra})
+                assert r1.status_code == r2.status_code == 200, (r1.status_code, r2.status_code)
+                return len(r1.content), len(r2.content)
+            finally:
+                await client.aclose()
+
+        import trio
+
+        for identity in (True, False):
+            up.traffic()
+            decoded = trio.run(fetch, identity)
+            t = up.traffic()
+            key = "identity" if identity else "gzip"
+            out[key] = {"wire_bytes": t.response_bytes, "decoded_root": decoded[0], "decoded_xmlrpc": decoded[1]}
+    out["saved_bytes"] = out["identity"]["wire_bytes"] - out["gzip"]["wire_bytes"]
+    out["ratio"] = out["gzip"]["wire_bytes"] / out["identity"]["wire_bytes"]
+    shutil.rmtree(root, ignore_errors=True)
+    return out

@@ -153,6 +153,7 @@ http {{
     client_body_temp_path {run}/body; proxy_temp_path {run}/proxy;
     fastcgi_temp_path {run}/fastcgi; uwsgi_temp_path {run}/uwsgi; scgi_temp_path {run}/scgi;
     upstream feed {{ server 127.0.0.1:{feed_port}; keepalive 8; }}
+    {gzip}
     map_hash_bucket_size 128;
     map_hash_max_size 1048576;
     map $uri $pypi_serial {{ default ""; {serials} }}
@@ -187,8 +188,11 @@ class Traffic:
 class Upstream:
     """nginx + FeedServer over a static ``root``; ``with Upstream(...) as up: up.url``."""
 
-    def __init__(self, root: Path, run: Path, *, use_nginx: bool = True) -> None:
+    def __init__(self, root: Path, run: Path, *, use_nginx: bool = True, gzip: bool = False) -> None:
         self.root = root
+        # As PyPI's CDN does: gzip for the JSON pages and the XML-RPC answers
+        # of clients that ask for it (level 1, nginx's default).
+        self.gzip = gzip
         self.run = run
         self.use_nginx = use_nginx and os.path.exists(NGINX)
         self.server = "nginx (files and pages) + Python XML-RPC behind it" if self.use_nginx else \
@@ -228,6 +232,8 @@ class Upstream:
             run=self.run, root=self.root, port=self.port, feed_port=self.feed_port,
             serials=f"include {self.root / 'serials.map'};" if (self.root / "serials.map").exists() else "",
             user="user root root;" if os.geteuid() == 0 else "",
+            gzip="gzip on; gzip_proxied any; gzip_min_length 1024; "
+                 "gzip_types application/vnd.pypi.simple.v1+json application/json text/xml;" if self.gzip else "",
         ))
         (self.run / "access.log").touch()
         nginx = subprocess.Popen([NGINX, "-p", str(self.run), "-c", str(conf), "-e", str(self.run / "error.log")],

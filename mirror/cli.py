@@ -7,6 +7,7 @@ one-line message; a traceback is reserved for real bugs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from mirror.ops.daemon import Daemon
 from mirror.ops.progress import terminal_progress
 from mirror.ops.sdnotify import Notifier
 from mirror.ops.status import read_status, render_text
+from mirror.upstream.transport import proxy_rules
 from mirror.ops.verify import FILE_KINDS, PAGE_KINDS, verify, work_queue
 from mirror.plan import filters
 from mirror.publish.lock import DirectoryLock
@@ -227,7 +229,8 @@ def cmd_filters(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     # No lock and a read-only database: this must answer while a sync runs.
     cfg = load_config(args.config)
-    status = read_status(cfg.layout)
+    status = dataclasses.replace(read_status(cfg.layout), upstream=cfg.upstream.url,
+                                 network=proxy_rules(cfg.upstream).describe())
     if args.json:
         print(json.dumps(status.to_json(), indent=2))
     else:

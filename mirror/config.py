@@ -47,6 +47,10 @@ class MirrorConfig:
     name: str = field(default_factory=socket.gethostname)
     retire_after: float = 86400.0
     max_retire: int = 50_000
+    # During a long cycle (a first sync), the root index is republished at
+    # least this often, listing the projects published so far; 0: only at
+    # the end of each cycle.
+    root_interval: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def _mirror(s: Section, base: Path) -> MirrorConfig:
         name=name,
         retire_after=s.duration("retire_after", d.retire_after),
         max_retire=s.integer("max_retire", d.max_retire),
+        root_interval=s.duration("root_interval", d.root_interval),
     )
     s.done()
     return cfg

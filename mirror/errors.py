@@ -58,6 +58,11 @@ class UpstreamUnavailable(UpstreamError):
     pass
 
 
+class UpstreamUntrusted(UpstreamUnavailable):
+    """The server's certificate was refused: a config problem, not a fault
+    another feed or another attempt gets around."""
+
+
 class MalformedResponse(UpstreamError):
     pass
 
@@ -108,17 +113,20 @@ DOWNLOAD_REASONS = (
     "hash_mismatch",
     "size_mismatch",
     "timeout",
+    "tls",
     "disk",
 )
 
 
 class DownloadError(MirrorError):
-    def __init__(self, url: str, reason: str, detail: str = "") -> None:
+    def __init__(self, url: str, reason: str, detail: str = "", *, wait: float | None = None) -> None:
         assert reason in DOWNLOAD_REASONS, reason
         super().__init__(f"{url}: {reason}{': ' + detail if detail else ''}")
         self.url = url
         self.reason = reason
         self.detail = detail
+        # Seconds the upstream asked us to wait (Retry-After, RateLimit).
+        self.wait = wait
 
     def __reduce__(self) -> tuple[Callable[..., DownloadError], tuple[object, ...]]:
         return DownloadError._rebuild, (type(self), self.__dict__)

@@ -19,9 +19,9 @@ from mirror.errors import DOWNLOAD_REASONS
 REJECT_KINDS = ("name", "path", "url", "api_version", "malformed", "oversize")
 # What fetching a project page counts; a helper process ships these home.
 PAGE_COUNTERS = ("mirror_upstream_requests", "mirror_upstream_errors", "mirror_stale_pages",
-                 "mirror_upstream_rejected")
+                 "mirror_upstream_rejected", "mirror_upstream_throttled")
 # Why a feed or page request failed (each failed attempt, before retries).
-UPSTREAM_ERROR_REASONS = ("http_status", "connection", "truncated", "timeout")
+UPSTREAM_ERROR_REASONS = ("http_status", "connection", "truncated", "timeout", "tls")
 
 
 class Metrics:
@@ -50,6 +50,18 @@ class Metrics:
         )
         self.files_downloaded = Counter("mirror_files_downloaded_total", "Files downloaded and verified.", registry=r)
         self.bytes_downloaded = Counter("mirror_bytes_downloaded_total", "Bytes of verified files downloaded.", registry=r)
+        self.files_by_source = Counter(
+            "mirror_files_by_source_total",
+            "Verified files by where their bytes came from: upstream, or the download_mirror.",
+            ["source"], registry=r,
+        )
+        for source in ("upstream", "download_mirror"):
+            self.files_by_source.labels(source)
+        self.download_mirror_misses = Counter(
+            "mirror_download_mirror_misses_total",
+            "Files the download_mirror could not serve (then fetched upstream unless download_mirror_only), "
+            "by reason.", ["reason"], registry=r,
+        )
         self.download_errors = Counter(
             "mirror_download_errors_total", "Failed download attempts by reason.", ["reason"], registry=r
         )
@@ -69,6 +81,13 @@ class Metrics:
         )
         for kind in ("feed", "page", "file"):
             self.upstream_requests.labels(kind)
+        self.throttled = Counter(
+            "mirror_upstream_throttled_total",
+            "Answers that asked us to wait (429/503 with Retry-After, or RateLimit), by kind; "
+            "the wait is honoured up to max_backoff and costs no retry.", ["kind"], registry=r,
+        )
+        for kind in ("feed", "page", "file"):
+            self.throttled.labels(kind)
         self.upstream_errors = Counter(
             "mirror_upstream_errors_total", "Failed feed and page requests (each attempt), by kind and reason.",
             ["kind", "reason"], registry=r,

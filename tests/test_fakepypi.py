@@ -14,6 +14,7 @@ import io
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -31,6 +32,7 @@ import httpx
 import pytest
 
 from tests.harness.fakepypi import FakePyPI, populate
+from tests.harness.tls import make_ca
 from tests.harness.wheels import make_blob_file, make_sdist, make_wheel
 
 JSON = "application/vnd.pypi.simple.v1+json"
@@ -41,6 +43,13 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def client(upstream: FakePyPI) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=upstream.url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def files(upstream: FakePyPI) -> Iterator[httpx.Client]:
+    """A client for the file host (files and .metadata live there)."""
+    with httpx.Client(base_url=upstream.files_url, timeout=10) as c:
         yield c
 
 
@@ -229,7 +238,7 @@ def test_project_json_page(upstream: FakePyPI, client: httpx.Client) -> None:
     content = up.file_content("foo-bar", whl["filename"])
     b2 = hashlib.blake2b(content, digest_size=32).hexdigest()
     assert (
-        whl["url"] == f"{up.url}/packages/{b2[:2]}/{b2[2:4]}/{b2[4:]}/{whl['filename']}"
+        whl["url"] == f"{up.files_url}/packages/{b2[:2]}/{b2[2:4]}/{b2[4:]}/{whl['filename']}"
     )
     assert whl["hashes"] == {"sha256": hashlib.sha256(content).hexdigest()}
     assert whl["size"] == len(content)
@@ -411,7 +420,7 @@ def test_redirect_query_and_404(upstream: FakePyPI, client: httpx.Client) -> Non
 
 
 def test_removed_file_404_but_shared_blob_survives(
-    upstream: FakePyPI, client: httpx.Client
+    upstream: FakePyPI, files: httpx.Client
 ) -> None:
     up = upstream
     blob = make_blob_file("blob", "1.0", 4096, seed=3)
@@ -420,19 +429,19 @@ def test_removed_file_404_but_shared_blob_survives(
     path = up.file_path("a", blob.filename)
     assert path == up.file_path("b", blob.filename)
     up.remove_file("a", blob.filename)
-    assert client.get(path).content == blob.content  # still referenced by b
+    assert files.get(path).content == blob.content  # still referenced by b
     up.remove_release("b", "1.0")
-    assert client.get(path).status_code == 404
+    assert files.get(path).status_code == 404
 
 
-def test_range_requests(upstream: FakePyPI, client: httpx.Client) -> None:
+def test_range_requests(upstream: FakePyPI, files: httpx.Client) -> None:
     blob = make_blob_file("r", "1.0", 1000, seed=1)
     upstream.add_file("r", "1.0", blob)
     path = upstream.file_path("r", blob.filename)
-    r = client.get(path, headers={"Range": "bytes=600-"})
+    r = files.get(path, headers={"Range": "bytes=600-"})
     assert r.status_code == 206 and r.content == blob.content[600:]
     assert r.headers["content-range"] == "bytes 600-999/1000"
-    assert client.get(path, headers={"Range": "bytes=2000-"}).status_code == 416
+    assert files.get(path, headers={"Range": "bytes=2000-"}).status_code == 416
 
 
 def test_legacy_json(upstream: FakePyPI, client: httpx.Client) -> None:
@@ -503,26 +512,26 @@ def test_fault_reset(upstream: FakePyPI, client: httpx.Client) -> None:
     assert client.get("/simple/").status_code == 200
 
 
-def test_fault_truncate(upstream: FakePyPI, client: httpx.Client) -> None:
+def test_fault_truncate(upstream: FakePyPI, files: httpx.Client) -> None:
     blob = make_blob_file("t", "1.0", 100_000, seed=5)
     upstream.add_file("t", "1.0", blob)
     path = upstream.file_path("t", blob.filename)
     upstream.add_fault("truncate", match="/packages/", count=1)
     with pytest.raises(httpx.RemoteProtocolError, match="received 50000 bytes"):
-        client.get(path)
+        files.get(path)
     assert upstream.requests[-1] == ("GET", path, 200, 50_000)
-    assert client.get(path).content == blob.content
+    assert files.get(path).content == blob.content
 
 
-def test_fault_corrupt(upstream: FakePyPI, client: httpx.Client) -> None:
+def test_fault_corrupt(upstream: FakePyPI, files: httpx.Client) -> None:
     upstream.add_release("c", "1.0", sdist=False)
     (fn,) = upstream.filenames("c")
     path = upstream.file_path("c", fn)
     upstream.add_fault("corrupt", match=fn, count=1)
-    bad = client.get(path).content
+    bad = files.get(path).content
     assert len(bad) == len(upstream.file_content("c", fn))
     assert hashlib.sha256(bad).hexdigest() != upstream.file_sha256("c", fn)
-    assert client.get(path).content == upstream.file_content("c", fn)
+    assert files.get(path).content == upstream.file_content("c", fn)
 
 
 def test_fault_stale(upstream: FakePyPI, client: httpx.Client) -> None:
@@ -767,3 +776,55 @@ def test_populate_is_reproducible() -> None:
     ]
     name = a.project_names()[-1]
     assert a.filenames(name) == b.filenames(name)
+
+
+def test_files_come_from_a_second_host_provenance_from_the_first(tmp_path: Path) -> None:
+    with FakePyPI(seed=1) as up:
+        up.add_release("two-hosts", "1.0", provenance=True)
+        assert up.files_url != up.url
+        fn = next(f for f in up.filenames("two-hosts") if f.endswith(".whl"))
+        path = up.file_path("two-hosts", fn)
+        with httpx.Client(timeout=10) as c:
+            page = c.get(f"{up.url}/simple/two-hosts/", headers=ACCEPT_JSON).json()
+            entry = next(f for f in page["files"] if f["filename"] == fn)
+            assert entry["url"] == up.files_url + path
+            assert c.get(up.files_url + path).content == up.file_content("two-hosts", fn)
+            assert c.get(up.files_url + path + ".metadata").status_code == 200
+            # Not on the index host, and nothing but files on the file host.
+            assert c.get(up.url + path).status_code == 404
+            assert c.get(up.files_url + "/simple/").status_code == 404
+            legacy = c.get(f"{up.url}/pypi/two-hosts/json").json()
+            assert legacy["urls"][0]["url"].startswith(up.files_url + "/packages/")
+            prov = c.get(f"{up.url}/integrity/two-hosts/1.0/{fn}/provenance")
+            assert prov.status_code == 200
+            assert c.get(f"{up.files_url}/integrity/two-hosts/1.0/{fn}/provenance").status_code == 404
+
+
+def test_sdists_behind_the_packages_source_redirect() -> None:
+    with FakePyPI(seed=1) as up:
+        up.sdist_redirects = True
+        up.add_release("redir", "1.0")
+        sdist = next(f for f in up.filenames("redir") if f.endswith(".tar.gz"))
+        url = up.file_url("redir", sdist)
+        assert url == f"{up.url}/packages/source/r/redir/{sdist}"
+        with httpx.Client(timeout=10) as c:
+            r = c.get(url)
+            assert r.status_code == 301 and r.headers["location"] == up.files_url + up.file_path("redir", sdist)
+            assert c.get(url, follow_redirects=True).content == up.file_content("redir", sdist)
+
+
+def test_tls_on_both_hosts(tmp_path: Path) -> None:
+    ca, cert, key = make_ca(tmp_path / "ca")
+    with FakePyPI(seed=1, tls=(cert, key)) as up:
+        up.add_release("secure", "1.0")
+        assert up.url.startswith("https://") and up.files_url.startswith("https://")
+        fn = up.filenames("secure")[0]
+        ctx = ssl.create_default_context(cafile=str(ca))
+        with httpx.Client(verify=ctx, timeout=10) as c:
+            assert c.get(f"{up.url}/simple/secure/").status_code == 200
+            assert c.get(up.file_url("secure", fn)).content == up.file_content("secure", fn)
+        with httpx.Client(timeout=10) as c, pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            c.get(f"{up.url}/simple/")
+        # A client that refused the certificate did not wedge the server.
+        with httpx.Client(verify=ctx, timeout=10) as c:
+            assert c.get(f"{up.url}/simple/").status_code == 200

@@ -44,7 +44,7 @@ def _one_file(up: FakePyPI) -> tuple[str, bytes, str]:
     """URL, bytes and sha256 of a new wheel upstream."""
     up.add_release("alpha", "1.0")
     [(rel, data)] = [(r, b) for r, b in upstream_files(up).items() if r.endswith(".whl")][:1]
-    return f"{up.url}/{rel}", data, hashlib.sha256(data).hexdigest()
+    return f"{up.files_url}/{rel}", data, hashlib.sha256(data).hexdigest()
 
 
 def _tree(directory: Path) -> Tree:

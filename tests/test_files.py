@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import ssl
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from mirror.upstream.files import FilePool
 from mirror.upstream.retry import classify
 from tests.harness.fakepypi import FakePyPI
 from tests.harness.reliability import upstream_files
+from tests.harness.tls import make_ca
 
 
 def pool(*, timeout: float = 5.0, allow_http: bool = True, ctx: ssl.SSLContext | None = None,
@@ -34,7 +34,7 @@ async def get(p: FilePool, url: str) -> tuple[int, bytes]:
 def one_file(up: FakePyPI) -> tuple[str, bytes]:
     up.add_release("alpha", "1.0")
     rel, data = next((r, b) for r, b in upstream_files(up).items() if r.endswith(".whl"))
-    return f"{up.url}/{rel}", data
+    return f"{up.files_url}/{rel}", data
 
 
 async def test_many_files_over_few_keepalive_connections(upstream: FakePyPI) -> None:
@@ -192,9 +192,9 @@ async def test_a_fresh_connection_that_fails_is_not_retried() -> None:
 
 async def test_redirects_are_followed_to_a_limit(upstream: FakePyPI) -> None:
     url, data = one_file(upstream)
-    path = url[len(upstream.url):]
+    path = url[len(upstream.files_url):]
     upstream.add_raw_route("/packages/source/a/alpha/one", 302, headers={"Location": "/packages/source/a/alpha/two"})
-    upstream.add_raw_route("/packages/source/a/alpha/two", 301, headers={"Location": f"{upstream.url}{path}"})
+    upstream.add_raw_route("/packages/source/a/alpha/two", 301, headers={"Location": f"{upstream.files_url}{path}"})
     upstream.add_raw_route("/loop", 302, headers={"Location": "/loop"})
     upstream.add_raw_route("/elsewhere", 302, headers={"Location": "ftp://127.0.0.1/x"})
     p = pool(max_redirects=3)
@@ -214,20 +214,6 @@ async def test_plain_http_is_refused_unless_allowed(upstream: FakePyPI) -> None:
 
 
 # -- TLS and proxies ------------------------------------------------------------------
-
-
-def make_ca(d: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1, made by openssl."""
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mirror test CA",
-        "-keyout", "ca.key", "-out", "ca.pem")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
-    (d / "ext.cnf").write_text("subjectAltName = IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-        "-extfile", "ext.cnf", "-out", "server.pem")
-    return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
 async def tls_server(nursery: trio.Nursery, cert: Path, key: Path, body: bytes) -> int:

@@ -9,7 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mirror.logfmt import JournalFormatter, formatter_for, is_journal_stream, stderr_is_journal, syslog_priority
+from mirror.logfmt import (
+    JournalFormatter,
+    formatter_for,
+    is_journal_stream,
+    stderr_is_journal,
+    syslog_priority,
+)
 
 
 def record(level: int, msg: str) -> logging.LogRecord:

@@ -393,3 +393,18 @@ def test_a_local_disk_error_is_one_clear_line(
     assert check_tree(dest) == []
     with DirectoryLock(PullLayout(dest).lock):  # another pull is running
         assert cli.main(["pull", source, str(dest), "--name", "other"]) == 3
+
+
+def test_a_trace_with_this_hosts_own_name_is_named_in_the_error(
+        upstream: FakePyPI, tmp_path: Path, daemon: Callable[[Path], str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Primary and secondary on one host (or containers with one host name):
+    the primary's trace carries the name the secondary defaults to."""
+    upstream.add_release("pkg-0", "1.0")
+    cfg = make_config(upstream.url, tmp_path / "p", mirror={"name": "samehost"})
+    trio.run(sync, cfg)
+    source = daemon(cfg.mirror.directory / "web")
+    capsys.readouterr()
+    assert cli.main(["pull", source, str(tmp_path / "second"), "--name", "samehost"]) == 4
+    err = capsys.readouterr().err
+    assert "trace/samehost" in err and "--name" in err and "Traceback" not in err, err
+    assert cli.main(["pull", source, str(tmp_path / "second"), "--name", "other"]) == 0

@@ -445,3 +445,33 @@ async def test_root_index_404_is_unavailable() -> None:
     up, _, _ = make(lambda r: httpx.Response(404))
     with pytest.raises(UpstreamUnavailable):
         await up.root_index(None)
+
+
+async def test_pages_the_root_and_xmlrpc_ask_for_gzip_and_cap_the_decoded_size() -> None:
+    """The root of 600k projects is tens of MB raw, a few MB gzipped: the
+    one client asks for gzip (every request through it: feed, pages, root),
+    and ``max_page_bytes`` caps what it decodes, not what it was sent."""
+    import gzip as gz
+
+    from mirror.errors import MalformedResponse
+    from mirror.upstream.transport import open_client
+
+    cfg = UpstreamConfig(url="https://up.test", user_agent="t (a@b.c)", max_page_bytes=1024 * 1024)
+    real = open_client(cfg, workers=1, version="t")
+    assert "gzip" in real.headers["accept-encoding"]
+    await real.aclose()
+    seen: list[str] = []
+    big = b"x" * (2 * 1024 * 1024)  # 2 MB decoded, a few KB on the wire
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("accept-encoding", ""))
+        body = b"small page" if request.url.path == "/ok" else big
+        return httpx.Response(200, content=gz.compress(body), headers={"Content-Encoding": "gzip"})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler), headers={"Accept-Encoding": "gzip"})
+    up = Upstream(client, cfg, metrics=Metrics())
+    r = await up.request("GET", "https://up.test/ok", kind="page")
+    assert r.body == b"small page"
+    with pytest.raises(MalformedResponse, match="max_page_bytes"):
+        await up.request("GET", "https://up.test/bomb", kind="page")
+    assert seen == ["gzip", "gzip"]

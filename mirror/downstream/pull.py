@@ -115,6 +115,13 @@ def pick_trace(
             raise PullError(f"the source has no usable trace/{want} (has: {', '.join(sorted(traces)) or 'none'})")
         return want, found[want]
     if not found:
+        if own in traces and trace.position(traces[own]) is not None:
+            # The source's trace has this host's own name: a primary and a
+            # secondary on one host, or containers with the same host name.
+            raise PullError(
+                f"the source's only trace is trace/{own}, this secondary's own name (a primary and a secondary "
+                f"on one host, or containers with one host name): give this secondary another name with "
+                f"--name, or the primary another [mirror] name")
         raise PullError("the source's trace/ holds no trace written by mirror: has it finished a cycle?")
     mtimes = mtimes or {}
     name = max(found, key=lambda n: (found[n].date, mtimes.get(n, 0), n))

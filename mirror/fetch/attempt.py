@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import trio
 from mirror.errors import DiskError, DownloadError, HashMismatch, SizeMismatch
 from mirror.metrics import Metrics
 from mirror.upstream.files import FileSource
-from mirror.upstream.retry import classify
+from mirror.upstream.retry import classify, throttle_wait
 
 FLUSH_BYTES = 1 << 20
 # Total time allowed per attempt: the request timeout plus the file at a
@@ -150,7 +151,8 @@ async def _stream(
         async with source.stream(url) as r:
             metrics.upstream_requests.labels("file").inc()
             if r.status != 200:
-                raise DownloadError(url, "http_status", f"HTTP {r.status}")
+                wait = throttle_wait(r.status, r.header("retry-after"), r.header("ratelimit"), now=time.time())
+                raise DownloadError(url, "http_status", f"HTTP {r.status}", wait=wait)
             # Chunks as they arrive, so the size check and the moving
             # deadline see every read.
             chunks = cast(AsyncGenerator[bytes, None], r.chunks())

@@ -55,12 +55,44 @@ class Downloader:
         # Set for a large cycle: attempts then run in helper processes.
         self.pool: FetchPool | None = None
 
-    async def fetch(self, url: str, *, sha256: str | None, size: int | None, limit: int | None = None) -> Verified:
-        """Download ``url`` to a verified temp file (see ``attempt``)."""
-        last: DownloadError | None = None
-        for n in range(self.retry.attempts):
-            if n:
-                await self.sleep(self.retry.delay(n, self.rng))
+    async def fetch_file(self, url: str, rel: str, *, sha256: str | None, size: int | None,
+                         limit: int | None = None) -> Verified:
+        """``fetch``, from ``[upstream] download_mirror`` first when one is
+        set: the same ``rel`` path under it, held to the sha256 and size that
+        upstream's page gave.  A 404, a wrong hash or size, or a transport
+        error there falls back to upstream's ``url`` (one attempt on the
+        mirror, then upstream's retries), unless ``download_mirror_only``."""
+        base = self.cfg.download_mirror
+        if not base or sha256 is None:
+            # No mirror, or nothing to hold a mirror's bytes to.
+            v = await self.fetch(url, sha256=sha256, size=size, limit=limit)
+            self.metrics.files_by_source.labels("upstream").inc()
+            return v
+        only = self.cfg.download_mirror_only
+        try:
+            v = await self.fetch(f"{base}/{rel}", sha256=sha256, size=size, limit=limit, attempts=None if only else 1)
+        except DownloadError as e:
+            self.metrics.download_mirror_misses.labels(e.reason).inc()
+            if only:
+                raise
+            log.debug("download mirror has no good %s (%s); from upstream", rel, e)
+        else:
+            self.metrics.files_by_source.labels("download_mirror").inc()
+            return v
+        v = await self.fetch(url, sha256=sha256, size=size, limit=limit)
+        self.metrics.files_by_source.labels("upstream").inc()
+        return v
+
+    async def fetch(self, url: str, *, sha256: str | None, size: int | None, limit: int | None = None,
+                    attempts: int | None = None) -> Verified:
+        """Download ``url`` to a verified temp file (see ``attempt``), in at
+        most ``attempts`` tries (default: the retry policy's)."""
+        attempts = self.retry.attempts if attempts is None else attempts
+        failures = throttled = 0
+        wait = 0.0
+        while True:
+            if wait:
+                await self.sleep(wait)
             try:
                 async with self.limiter:
                     v = await self._attempt(url, sha256=sha256, size=size, limit=limit)
@@ -68,13 +100,21 @@ class Downloader:
                 self.metrics.bytes_downloaded.inc(v.size)
                 return v
             except DownloadError as e:
+                if e.wait is not None and throttled < self.retry.max_throttled:
+                    # Asked to wait (Retry-After, RateLimit): no retry spent.
+                    throttled += 1
+                    wait = self.retry.throttle_delay(e.wait)
+                    self.metrics.throttled.labels("file").inc()
+                    log.info("download %s: %s, asked to wait %.0fs; waiting %.1fs", url, e.detail, e.wait, wait)
+                    continue
                 self.metrics.download_errors.labels(e.reason).inc()
-                log.debug("download %s failed (attempt %d): %s", url, n + 1, e)
-                last = e
-                if e.reason == "http_status" and e.detail in {f"HTTP {s}" for s in GONE} and n >= 1:
-                    break  # gone; do not hammer
-        assert last is not None
-        raise last
+                failures += 1
+                log.debug("download %s failed (attempt %d): %s", url, failures, e)
+                gone = e.reason == "http_status" and e.detail in {f"HTTP {s}" for s in GONE} and failures >= 2
+                # A refused certificate stays refused: no retry.
+                if gone or e.reason == "tls" or failures >= attempts:
+                    raise  # gone (do not hammer), or out of retries
+                wait = self.retry.delay(failures, self.rng)
 
     async def _attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> Verified:
         if self.pool is not None:

@@ -22,7 +22,7 @@ Protocol: length-prefixed pickle frames on the helper's stdin/stdout
 setup.  Then ``("get", id, url, sha256, size, limit)``, ``("page", id, name,
 min_serial)`` and ``("cancel", id)`` go in; ``("ok", id, tmp, size,
 sha256)``, ``("snap", id, snapshot, counts)``, ``("raise", id, error,
-counts)``, ``("error", id, reason, detail)`` and ``("disk", id, message)``
+counts)``, ``("error", id, reason, detail, wait)`` and ``("disk", id, message)``
 come out.  A helper exits when its stdin closes,
 which is also what happens when the parent is killed; it ignores SIGINT
 and SIGTERM so that a stop signal sent to the whole process group lets the
@@ -208,7 +208,8 @@ class FetchPool:
                 raise TypeError(f"not an upstream error: {frame[2]!r:.200}")
             p.error = frame[2]
         elif kind == "error":
-            p.error = DownloadError(p.url, frame[2], frame[3])
+            wait = frame[4] if len(frame) > 4 and isinstance(frame[4], (int, float)) else None
+            p.error = DownloadError(p.url, frame[2], frame[3], wait=wait)
         elif kind == "disk":
             p.error = DiskError(frame[2])
         else:

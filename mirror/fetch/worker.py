@@ -95,7 +95,7 @@ async def serve() -> None:
                 v = await attempt(files, url, layout.new_temp(), sha256=sha256, size=size, limit=limit,
                                   timeout=cfg.timeout, metrics=metrics, inline=True)
             except DownloadError as e:
-                return ("error", rid, e.reason, e.detail)
+                return ("error", rid, e.reason, e.detail, e.wait)
             except DiskError as e:
                 return ("disk", rid, str(e))
             return ("ok", rid, str(v.tmp), v.size, v.sha256)

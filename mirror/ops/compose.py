@@ -44,6 +44,7 @@ class Mirror:
         self.metrics = metrics
         self.client: httpx.AsyncClient = open_client(cfg.upstream, workers=cfg.mirror.workers, version=__version__)
         self.files: FilePool = open_files(cfg.upstream, workers=cfg.mirror.workers, version=__version__)
+        log.info("upstream %s: %s", cfg.upstream.url, self.files.rules.describe())
 
     def syncer(self, *, progress: Progress | None = None, allow_mass_delete: bool = False) -> Syncer:
         return Syncer(self.cfg, client=self.client, files=self.files, state=self.state, tree=self.tree,
@@ -58,6 +59,7 @@ class Mirror:
             await self.aclose()
             self.client = open_client(new.upstream, workers=new.mirror.workers, version=__version__)
             self.files = open_files(new.upstream, workers=new.mirror.workers, version=__version__)
+            log.info("upstream %s: %s", new.upstream.url, self.files.rules.describe())
         self.cfg = new
 
     async def aclose(self) -> None:

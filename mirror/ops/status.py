@@ -55,6 +55,9 @@ class Status:
     lock_holder: str | None  # pid of the process holding the directory lock
     failed: list[FailedProject] = field(default_factory=list)
     pending_sample: list[str] = field(default_factory=list)
+    # From the config, not the state: where requests go, and through what.
+    upstream: str = ""
+    network: str = ""
 
     @property
     def lag(self) -> int | None:
@@ -166,6 +169,7 @@ def render_text(s: Status, *, now: float) -> str:
         f"mirror {s.directory}: {verdict(s)}",
         f"  process      {running}",
         f"  serial       {s.synced_serial:,} published ({upstream})",
+        *([f"  upstream     {s.upstream}, {s.network}"] if s.upstream else []),
         f"  last success {_when(s.last_success, now)}",
         f"  last cycle   {'started ' if s.last_cycle is not None else ''}{_when(s.last_cycle, now)}",
         f"  projects     {s.projects:,} published, {s.pending:,} pending, {len(s.failed):,} failing",

@@ -182,8 +182,24 @@ class Syncer:
             self._defer(name, why, report)
 
         self.publisher = Publisher(self.deps, report, on_unsafe=unsafe)
+        periodic = trio.CancelScope()
+
+        async def root_every(interval: float) -> None:
+            # A long first sync shows its progress in the root index, so a
+            # sync killed and resumed many times still serves what it has.
+            with periodic:
+                while True:
+                    await trio.sleep(interval)
+                    # Its serial is the last one whose every change is out,
+                    # not the feed position this cycle is working towards.
+                    if await self.publish_root(report, serial=self.state.synced_serial()):
+                        log.info("root index republished during the cycle: %d project(s) so far",
+                                 self.state.project_count())
+
         async with trio.open_nursery() as outer:
             await outer.start(self.publisher.run)
+            if self.cfg.mirror.root_interval > 0:
+                outer.start_soon(root_every, self.cfg.mirror.root_interval)
             async with trio.open_nursery() as nursery:
                 for _ in range(max(1, self.cfg.mirror.workers)):
                     nursery.start_soon(worker, recv.clone())
@@ -195,6 +211,7 @@ class Syncer:
                         await send.send(item)
             await self.release_held(report)
             await self.publisher.close()
+            periodic.cancel()
 
     async def release_held(self, report: CycleReport) -> None:
         """Publish the held destructive changes, or none of them (safety valve)."""
@@ -320,25 +337,39 @@ class Syncer:
         log.warning("%s: deferred to the next run: %s", name, error)
 
     # -- root and serial --------------------------------------------------------
-    async def publish_root(self, report: CycleReport) -> None:
+    async def publish_root(self, report: CycleReport, *, serial: int | None = None) -> bool:
+        """Write the root index if anything it lists changed; True if written.
+
+        The dirty marks are cleared *before* the root is read from the state
+        (and set again if writing fails): a project the publisher records
+        while the root is being written marks it dirty again, so it is listed
+        next time instead of being lost between the read and the clear.
+        ``serial`` (default: the feed position) goes into the JSON root."""
         gone = self.state.gone()
         json_dirty, html_dirty = self.state.root_dirty()
         if not (json_dirty or html_dirty or gone):
-            return
+            return False
         # One streaming pass in a worker thread: the root is the only page
         # whose size grows with the index (600k projects on PyPI).
         html = html_dirty or bool(gone)
         self.state.changes.note_now((p, "replace") for p in layout.ROOT_PAGES if html or p == layout.ROOT_JSON)
-        await trio.to_thread.run_sync(
-            functools.partial(rootindex.write_root, self.tree, self.state.path, self.state.serial, html=html)
-        )
         self.state.clear_root_dirty()
+        try:
+            await trio.to_thread.run_sync(
+                functools.partial(rootindex.write_root, self.tree, self.state.path,
+                                  self.state.serial if serial is None else serial, html=html)
+            )
+        except BaseException:
+            self.state.set_meta(**({"root_json_dirty": 1} if json_dirty else {}),
+                                **({"root_html_dirty": 1} if html_dirty else {}))
+            raise
         report.root_written = True
         if gone:
             paths = [p for n in gone for p in layout.project_paths(n)]
             self.state.changes.note_now((p, "delete") for p in paths)
             await trio.to_thread.run_sync(self.tree.remove, paths)
             self.state.clear_gone(gone)
+        return True
 
     @disk_error_aborts_cycle
     async def sync_once(self, *, feed: bool = True) -> CycleReport:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 
 from mirror.config import Config
-from mirror.errors import UnsupportedAPIVersion, UpstreamError
+from mirror.errors import UnsupportedAPIVersion, UpstreamError, UpstreamUntrusted
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName, Serial
 from mirror.plan import filters, planner
@@ -49,7 +49,7 @@ class Feed:
             try:
                 return await self._read_changelog()
             except UpstreamError as e:
-                if feed == "changelog" or isinstance(e, UnsupportedAPIVersion):
+                if feed == "changelog" or isinstance(e, (UnsupportedAPIVersion, UpstreamUntrusted)):
                     raise
                 log.warning("XML-RPC feed unavailable (%s); using the simple root index", e)
         return await self._read_root()

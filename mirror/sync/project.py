@@ -228,7 +228,12 @@ class ProjectSync:
         # exactly): sidecars are documents, cut at the page cap.
         limit = up.max_unknown_file_bytes if job.kind == "dist" else up.max_page_bytes
         try:
-            v = await self.d.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit)
+            if job.kind == "provenance":
+                # Provenance lives on the index host, not under /packages/.
+                v = await self.d.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit)
+            else:
+                v = await self.d.downloader.fetch_file(job.url, job.rel, sha256=job.sha256, size=job.size,
+                                                       limit=limit)
         except UnsafeInput as e:
             self._refuse(job, e)
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import xmlrpc.client
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -24,22 +25,29 @@ from mirror.errors import (
     UnsupportedAPIVersion,
     UpstreamError,
     UpstreamUnavailable,
+    UpstreamUntrusted,
 )
 from mirror.layout import api_json
 from mirror.metrics import Metrics
 from mirror.model import ChangeEvent, NormalizedName, ProjectSnapshot, RootEntry, Serial
 from mirror.upstream.config import UpstreamConfig
-from mirror.upstream.retry import RetryPolicy, classify, should_retry_status
 from mirror.upstream.parse import (
     ACCEPT,
     JSON_TYPE,
-    load_json,
     header_serial,
     is_serial,
+    load_json,
     parse_changelog,
     parse_project_html,
     parse_project_json,
     parse_root_json,
+)
+from mirror.upstream.retry import (
+    RetryPolicy,
+    classify,
+    should_retry_status,
+    throttle_wait,
+    tls_message,
 )
 
 log = logging.getLogger(__name__)
@@ -84,21 +92,39 @@ class Upstream:
         Statuses in ``ok`` and 4xx are returned to the caller; the body is
         capped at ``max_page_bytes``."""
         last = ""
-        for attempt in range(self.retry.attempts):
-            if attempt:
-                await self.sleep(self.retry.delay(attempt, self.rng))
+        failures = throttled = 0
+        wait = 0.0
+        while True:
+            if wait:
+                await self.sleep(wait)
             self.metrics.upstream_requests.labels(kind).inc()
+            asked: float | None = None
             try:
                 async with self.client.stream(method, url, headers=headers, content=content) as r:
                     if r.status_code in ok or (r.status_code >= 400 and not should_retry_status(r.status_code)):
                         body = await self._read_capped(r, url)
                         return Response(r.status_code, r.headers, body, str(r.url))
                     last, reason = f"HTTP {r.status_code}", "http_status"
+                    asked = throttle_wait(r.status_code, r.headers.get("retry-after"), r.headers.get("ratelimit"),
+                                          now=time.time())
             except httpx.TransportError as e:
                 reason, last = classify(e)
+                if reason == "tls":
+                    self.metrics.upstream_errors.labels("feed" if kind == "feed" else "page", reason).inc()
+                    raise UpstreamUntrusted(tls_message(url, last)) from None
+            if asked is not None and throttled < self.retry.max_throttled:
+                # The upstream said when: wait that long, and keep the retries.
+                throttled += 1
+                wait = self.retry.throttle_delay(asked)
+                self.metrics.throttled.labels("feed" if kind == "feed" else "page").inc()
+                log.info("%s %s: %s, asked to wait %.0fs; waiting %.1fs", method, url, last, asked, wait)
+                continue
             self.metrics.upstream_errors.labels("feed" if kind == "feed" else "page", reason).inc()
-            log.debug("%s %s failed (%s), attempt %d", method, url, last, attempt + 1)
-        raise UpstreamUnavailable(f"{method} {url}: {last} after {self.retry.attempts} attempts")
+            failures += 1
+            log.debug("%s %s failed (%s), attempt %d", method, url, last, failures)
+            if failures >= self.retry.attempts:
+                raise UpstreamUnavailable(f"{method} {url}: {last} after {failures} attempts")
+            wait = self.retry.delay(failures, self.rng)
 
     async def _read_capped(self, r: httpx.Response, url: str) -> bytes:
         cap = self.cfg.max_page_bytes

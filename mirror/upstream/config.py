@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from mirror.tables import Section
+from mirror.upstream import proxy
 
 FEEDS = ("changelog", "simple", "auto")
 _CONTACT = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+|https?://\S+")
@@ -28,6 +30,16 @@ class UpstreamConfig:
     # A file listed without a size (PEP 503 HTML, PEP 691 1.0) is cut here,
     # so an endless body cannot fill the disk.
     max_unknown_file_bytes: int = 10 * 1024**3
+    # "env" (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY), "none", or a URL
+    proxy: str = proxy.ENV
+    # CA certificates (a PEM file, or a directory of them) trusted instead of
+    # the default bundle; "" trusts SSL_CERT_FILE / SSL_CERT_DIR, else certifi's.
+    ca_bundle: str = ""
+    # A nearby mirror with the same /packages/ layout, tried first for each
+    # file (verified against upstream's sha256); upstream on 404, a bad
+    # hash or a transport error, unless download_mirror_only.
+    download_mirror: str = ""
+    download_mirror_only: bool = False
 
 
 def parse_upstream(s: Section) -> UpstreamConfig:
@@ -46,6 +58,24 @@ def parse_upstream(s: Section) -> UpstreamConfig:
     if not _CONTACT.search(ua):
         raise s.error("user_agent", "must include a contact (an e-mail address or a URL) "
                                     f"so the upstream can reach you, got {ua!r}")
+    proxy_setting = s.string("proxy", d.proxy).strip()
+    try:
+        proxy.rules(proxy_setting, {})
+    except proxy.ProxyError as e:
+        raise s.error("proxy", f'{e} (or "env", or "none")') from None
+    ca_bundle = s.string("ca_bundle", d.ca_bundle).strip()
+    if ca_bundle and not Path(ca_bundle).exists():
+        raise s.error("ca_bundle", f"{ca_bundle}: no such file or directory")
+    mirror_url = s.string("download_mirror", d.download_mirror).strip().rstrip("/")
+    if mirror_url:
+        mparts = urlsplit(mirror_url)
+        if mparts.scheme not in ("http", "https") or not mparts.netloc:
+            raise s.error("download_mirror", f"expected an http(s) URL, got {mirror_url!r}")
+        if mparts.scheme == "http" and not allow_http:
+            raise s.error("download_mirror", f"plain http {mirror_url!r} refused; set upstream.allow_http = true")
+    mirror_only = s.boolean("download_mirror_only", d.download_mirror_only)
+    if mirror_only and not mirror_url:
+        raise s.error("download_mirror_only", "needs upstream.download_mirror")
     cfg = UpstreamConfig(
         url=url,
         feed=feed,
@@ -59,6 +89,10 @@ def parse_upstream(s: Section) -> UpstreamConfig:
         xmlrpc_interval=s.number("xmlrpc_interval", d.xmlrpc_interval),
         max_page_bytes=s.integer("max_page_bytes", d.max_page_bytes, minimum=1024),
         max_unknown_file_bytes=s.integer("max_unknown_file_bytes", d.max_unknown_file_bytes, minimum=1024),
+        proxy=proxy_setting,
+        ca_bundle=ca_bundle,
+        download_mirror=mirror_url,
+        download_mirror_only=mirror_only,
     )
     s.done()
     return cfg

@@ -43,11 +43,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, cast
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import h11
 import httpx
 import trio
+
+from mirror.upstream.proxy import ProxyRules, check_proxy_url
+from mirror.upstream.proxy import rules as proxy_rules
 
 RECEIVE = 256 * 1024
 # Idle keep-alive connections older than this are not reused: a server's
@@ -62,6 +65,8 @@ class FileResponse(Protocol):
     url: str
 
     def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def header(self, name: str) -> str | None: ...
 
 
 class FileSource(Protocol):
@@ -120,6 +125,10 @@ class _Response:
     timeout: float
     done: bool = False
 
+    def header(self, name: str) -> str | None:
+        value = self.headers.get(name.lower().encode())
+        return value.decode("latin-1") if value is not None else None
+
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
             event = await self.pool._next_event(self.conn)
@@ -135,7 +144,7 @@ class _Response:
 class FilePool:
     def __init__(
         self, *, ssl_context: ssl.SSLContext, user_agent: str, timeout: float, allow_http: bool,
-        max_idle: int = 64, max_redirects: int = 5, proxy: str | None = None,
+        max_idle: int = 64, max_redirects: int = 5, proxy: str | None = None, rules: ProxyRules | None = None,
     ) -> None:
         self.ssl_context = ssl_context
         self.user_agent = user_agent.encode()
@@ -143,7 +152,9 @@ class FilePool:
         self.allow_http = allow_http
         self.max_idle = max_idle
         self.max_redirects = max_redirects
-        self.proxy = urlsplit(proxy) if proxy else None
+        # A URL: every request through it; rules: per host (NO_PROXY).
+        self.rules = rules if rules is not None else proxy_rules(proxy, {}) if proxy else ProxyRules()
+        self._proxies: dict[Origin, SplitResult | None] = {}
         self._idle: dict[Origin, deque[_Connection]] = {}
         self.connections_opened = 0
 
@@ -179,14 +190,20 @@ class FilePool:
         except OSError as e:
             raise httpx.ConnectError(f"{host}:{port}: {e.strerror or e}") from None
 
+    def _proxy(self, origin: Origin) -> SplitResult | None:
+        if origin not in self._proxies:
+            url = self.rules.for_url(origin.scheme, origin.host)
+            self._proxies[origin] = check_proxy_url(url) if url else None
+        return self._proxies[origin]
+
     async def _connect(self, origin: Origin) -> _Connection:
-        proxy = self.proxy
+        proxy = self._proxy(origin)
         if proxy is None:
             stream: trio.abc.Stream = await self._open_tcp(origin.host, origin.port)
         else:
             stream = await self._open_tcp(proxy.hostname or "", proxy.port or 3128)
             if origin.scheme == "https":
-                stream = await self._tunnel(stream, origin)
+                stream = await self._tunnel(stream, origin, proxy)
         if origin.scheme == "https":
             tls = trio.SSLStream(stream, self.ssl_context, server_hostname=origin.host, https_compatible=True)
             try:
@@ -203,18 +220,18 @@ class FilePool:
         self.connections_opened += 1
         return _Connection(stream, origin)
 
-    def _proxy_auth(self) -> list[tuple[bytes, bytes]]:
-        p = self.proxy
+    @staticmethod
+    def _proxy_auth(p: SplitResult | None) -> list[tuple[bytes, bytes]]:
         if p is None or p.username is None:
             return []
         token = base64.b64encode(f"{unquote(p.username)}:{unquote(p.password or '')}".encode())
         return [(b"Proxy-Authorization", b"Basic " + token)]
 
-    async def _tunnel(self, stream: trio.SocketStream, origin: Origin) -> trio.abc.Stream:
+    async def _tunnel(self, stream: trio.SocketStream, origin: Origin, proxy: SplitResult) -> trio.abc.Stream:
         """HTTP CONNECT through the proxy; the stream then carries TLS to the origin."""
         authority = f"{origin.host}:{origin.port}".encode()
         conn = h11.Connection(h11.CLIENT)
-        head = [(b"Host", authority), (b"User-Agent", self.user_agent), *self._proxy_auth()]
+        head = [(b"Host", authority), (b"User-Agent", self.user_agent), *self._proxy_auth(proxy)]
         try:
             with trio.fail_after(self.timeout):
                 await stream.send_all(conn.send(h11.Request(method=b"CONNECT", target=authority, headers=head)))
@@ -268,14 +285,15 @@ class FilePool:
 
     # -- requests ------------------------------------------------------------------
     def _request(self, origin: Origin, target: str) -> h11.Request:
-        if self.proxy is not None and origin.scheme == "http":
+        forward = self._proxy(origin) if origin.scheme == "http" else None
+        if forward is not None:
             target = f"http://{origin.authority}{target}"  # absolute form for a forward proxy
         headers = [
             (b"Host", origin.authority.encode()),
             (b"User-Agent", self.user_agent),
             (b"Accept", b"*/*"),
             (b"Accept-Encoding", b"identity"),
-            *(self._proxy_auth() if self.proxy is not None and origin.scheme == "http" else []),
+            *self._proxy_auth(forward),
         ]
         return h11.Request(method=b"GET", target=target.encode(), headers=headers)
 
@@ -351,6 +369,10 @@ class _HttpxResponse:
         self.r = r
         self.status = r.status_code
         self.url = str(r.url)
+
+    def header(self, name: str) -> str | None:
+        value: str | None = self.r.headers.get(name)
+        return value
 
     async def chunks(self) -> AsyncIterator[bytes]:
         body = cast(AsyncGenerator[bytes, None], self.r.aiter_bytes())

@@ -12,7 +12,11 @@ Pure: the caller sleeps and counts.
 from __future__ import annotations
 
 import random
+import re
+import ssl
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -37,6 +41,17 @@ class RetryPolicy:
     def attempts(self) -> int:
         return self.retries + 1
 
+    @property
+    def max_throttled(self) -> int:
+        """Waits the upstream may ask for in one request's life before its
+        answers count as failures: a bound, so a server that always says
+        "later" cannot hold a request forever."""
+        return 4 * self.attempts
+
+    def throttle_delay(self, asked: float) -> float:
+        """The wait the upstream asked for, capped at ``max_backoff``."""
+        return min(self.max_backoff, max(0.0, asked))
+
     def delay(self, failures: int, rng: random.Random) -> float:
         """Seconds to wait after ``failures`` failed attempts (>= 1):
         exponential, capped at ``max_backoff``, with jitter in [0.5, 1.5)."""
@@ -49,9 +64,70 @@ def should_retry_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+# Statuses whose wait hints are honoured.
+THROTTLE = frozenset({429, 503})
+_RATELIMIT_RESET = re.compile(r"(?:^|[;,\s])(?:reset|t)\s*=\s*(\d+)")
+_RATELIMIT_LEFT = re.compile(r"(?:^|[;,\s])(?:remaining|r)\s*=\s*(\d+)")
+
+
+def throttle_wait(status: int, retry_after: str | None, ratelimit: str | None, *, now: float) -> float | None:
+    """Seconds the upstream asked us to wait before asking again, or None.
+
+    ``Retry-After`` on a 429 or 503, in seconds or as an HTTP date; else the
+    reset time of a ``RateLimit`` header (``reset=`` of the older draft, ``t=``
+    of the structured one) when the status is 429/503 or the quota left is 0."""
+    if status in THROTTLE and retry_after:
+        value = retry_after.strip()
+        if value.isdigit():
+            return float(value)
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            when = None
+        if when is not None and when.tzinfo is not None:
+            return max(0.0, when.timestamp() - now)
+    if ratelimit:
+        reset = _RATELIMIT_RESET.search(ratelimit)
+        left = _RATELIMIT_LEFT.search(ratelimit)
+        if reset and (status in THROTTLE or (left is not None and int(left.group(1)) == 0)):
+            return float(reset.group(1))
+    return None
+
+
+_VERIFY = re.compile(r"certificate verify failed: ([^(]*)")
+
+
+def tls_failure(e: BaseException) -> str | None:
+    """Why the server's certificate was refused, when that is what ``e`` is
+    (httpx's ConnectError or the file client's, raised over an
+    ``ssl.SSLCertVerificationError``), else None.  Not worth a retry: the
+    trust settings are wrong, or someone is in the middle."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, ssl.SSLCertVerificationError):
+            return str(x.verify_message or "certificate verify failed")
+        text = str(x)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            m = _VERIFY.search(text)
+            return m.group(1).strip() if m else "certificate verify failed"
+        x = x.__cause__ or x.__context__
+    return None
+
+
+def tls_message(url: str, why: str) -> str:
+    """The one line for a refused certificate: the host, the reason, the fix."""
+    host = urlsplit(url).netloc
+    return (f"TLS: the certificate of {host} was refused ({why}); if a proxy or a private CA signs it, "
+            "set upstream.ca_bundle (or SSL_CERT_FILE) to that CA")
+
+
 def classify(e: httpx.TransportError) -> tuple[str, str]:
     """(reason, detail) of an attempt that failed in the transport."""
     detail = f"{type(e).__name__}: {e}"[:200]
+    if (why := tls_failure(e)) is not None:
+        return "tls", why
     if isinstance(e, httpx.TimeoutException):
         return "timeout", type(e).__name__
     if isinstance(e, httpx.RemoteProtocolError):

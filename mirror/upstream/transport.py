@@ -26,6 +26,7 @@ and the tests say so.
 from __future__ import annotations
 
 import functools
+import os
 import ssl
 import time
 import typing
@@ -33,8 +34,11 @@ import typing
 import httpcore
 import httpx
 
+from mirror.errors import ConfigError
+from mirror.upstream import proxy
 from mirror.upstream.config import UpstreamConfig
 from mirror.upstream.files import FilePool
+from mirror.upstream.proxy import ProxyRules
 
 PROBE_AFTER = 0.5
 
@@ -118,28 +122,63 @@ def probe_skipping(client: httpx.AsyncClient) -> bool:
 
 
 @functools.cache
-def tls_context() -> ssl.SSLContext:
-    # What httpx builds by default, built once per process: loading the CA
-    # bundle costs ~20 ms of CPU, more than the rest of a no-change cycle,
-    # and a long-running mirror opens a client every cycle.
-    return httpx.create_ssl_context()
+def tls_context(ca_bundle: str = "") -> ssl.SSLContext:
+    """The trust for every https request: ``ca_bundle`` (a PEM file or a
+    directory), else what httpx builds (``SSL_CERT_FILE`` / ``SSL_CERT_DIR``
+    when set, else certifi's bundle).  Built once per process: loading a
+    bundle costs ~20 ms of CPU, more than the rest of a no-change cycle."""
+    try:
+        if not ca_bundle:
+            return httpx.create_ssl_context()
+        if os.path.isdir(ca_bundle):
+            return ssl.create_default_context(capath=ca_bundle)
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as e:
+        where = f"upstream.ca_bundle = {ca_bundle!r}" if ca_bundle else (
+            f"SSL_CERT_FILE={os.environ.get('SSL_CERT_FILE', '')!r}" if os.environ.get("SSL_CERT_FILE")
+            else f"SSL_CERT_DIR={os.environ.get('SSL_CERT_DIR', '')!r}")
+        raise ConfigError(f"{where}: cannot load CA certificates: {e}") from None
 
 
 def user_agent(cfg: UpstreamConfig, version: str) -> str:
     return f"mirror/{version} {cfg.user_agent}"
 
 
+def proxy_rules(cfg: UpstreamConfig) -> ProxyRules:
+    """``[upstream] proxy`` in this process' environment (ConfigError if unusable)."""
+    try:
+        return proxy.rules(cfg.proxy, os.environ)
+    except proxy.ProxyError as e:
+        raise ConfigError(f"upstream.proxy = {cfg.proxy!r}: {e}") from None
+
+
 def open_files(cfg: UpstreamConfig, *, workers: int, version: str) -> FilePool:
-    """The lean client for file bodies, with the same trust and identity."""
-    return FilePool(ssl_context=tls_context(), user_agent=user_agent(cfg, version), timeout=cfg.timeout,
-                    allow_http=cfg.allow_http, max_idle=workers + 8)
+    """The lean client for file bodies, with the same trust, identity and proxy."""
+    return FilePool(ssl_context=tls_context(cfg.ca_bundle), user_agent=user_agent(cfg, version), timeout=cfg.timeout,
+                    allow_http=cfg.allow_http, max_idle=workers + 8, rules=proxy_rules(cfg))
+
+
+def _mounts(rules: ProxyRules, limits: httpx.Limits, ctx: ssl.SSLContext) -> dict[str, httpx.AsyncBaseTransport | None]:
+    """httpx's form of the rules: a proxied transport per scheme, and None
+    (the client's own transport: direct) for the NO_PROXY hosts."""
+    if not rules.active:
+        return {}
+    mounts: dict[str, httpx.AsyncBaseTransport | None] = {
+        f"{scheme}://": httpx.AsyncHTTPTransport(proxy=url, verify=ctx, limits=limits)
+        for scheme, url in rules.by_scheme.items()
+    }
+    for host in rules.no_proxy:
+        mounts[f"all://{host}"] = None
+        mounts[f"all://*.{host}"] = None
+    return mounts
 
 
 def open_client(cfg: UpstreamConfig, *, workers: int, version: str) -> httpx.AsyncClient:
     """The one pooled client for the feed, the pages and the root index."""
     limits = httpx.Limits(max_connections=workers + 8, max_keepalive_connections=workers + 8)
     return httpx.AsyncClient(
-        transport=transport(verify=tls_context(), limits=limits),
+        transport=transport(verify=tls_context(cfg.ca_bundle), limits=limits),
+        mounts=_mounts(proxy_rules(cfg), limits, tls_context(cfg.ca_bundle)),
         timeout=httpx.Timeout(cfg.timeout),
         headers={"User-Agent": user_agent(cfg, version)},
         follow_redirects=True,

@@ -25,6 +25,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, urlsplit
@@ -230,9 +232,18 @@ class FakePyPI:
     """
 
     def __init__(
-        self, *, seed: int = 0, clock: Callable[[], float] = time.time, port: int = 0
+        self, *, seed: int = 0, clock: Callable[[], float] = time.time, port: int = 0,
+        split_hosts: bool = True, tls: tuple[Path, Path] | None = None,
     ) -> None:
         self._bind_port = port
+        # As on PyPI, files (and .metadata) come from a second host, the
+        # pages, the APIs and provenance from the first.
+        self.split_hosts = split_hosts
+        # (certificate chain, key): both listeners speak https.
+        self.tls = tls
+        # Sdists listed at index/packages/source/<l>/<name>/<file>, a redirect
+        # to the file host (PyPI's short form).
+        self.sdist_redirects = False
         self._lock = threading.RLock()
         self._clock = clock
         self._rng = random.Random(seed)
@@ -254,6 +265,8 @@ class FakePyPI:
         self.html_only = False
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._files_server: _Server | None = None
+        self._files_thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------
@@ -262,30 +275,44 @@ class FakePyPI:
         if self._server is not None:
             raise RuntimeError("already started")
         self._stopping.clear()
-        server = _Server(("127.0.0.1", self._bind_port), _Handler)
-        server.fake = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"FakePyPI:{server.server_address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server, self._thread = self._listen(self._bind_port, "index")
+        if self.split_hosts:
+            self._files_server, self._files_thread = self._listen(0, "files")
         return self
 
+    def _listen(self, port: int, role: str) -> tuple[_Server, threading.Thread]:
+        server = _Server(("127.0.0.1", port), _Handler)
+        server.fake = self
+        server.role = role
+        if self.tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            # The handshake happens in the handler's thread, not in accept().
+            server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"FakePyPI-{role}:{server.server_address[1]}",
+            daemon=True,
+        )
+        thread.start()
+        return server, thread
+
     def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
+        servers = [(self._server, self._thread), (self._files_server, self._files_thread)]
+        if self._server is None:
             return
-        self._server = self._thread = None
+        self._server = self._thread = self._files_server = self._files_thread = None
         self._stopping.set()  # wakes handlers sleeping in a "slow" fault
-        server.shutdown()
-        server.close_all_connections()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-        server.join_handlers(timeout=5)
+        for server, thread in servers:
+            if server is None:
+                continue
+            server.shutdown()
+            server.close_all_connections()
+            server.server_close()
+            if thread is not None:
+                thread.join(timeout=5)
+            server.join_handlers(timeout=5)
 
     def __enter__(self) -> Self:
         self.start()
@@ -307,7 +334,20 @@ class FakePyPI:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The index host: pages, JSON API, XML-RPC, provenance."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def files_url(self) -> str:
+        """The file host (the index host itself without ``split_hosts``)."""
+        if self._files_server is None:
+            return self.url
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._files_server.server_address[1]}"
+
+    def _file_url(self, f: _File) -> str:
+        if self.sdist_redirects and f.filename.endswith((".tar.gz", ".zip")):
+            return f"{self.url}/packages/source/{f.project[0]}/{f.project}/{f.filename}"
+        return self.files_url + f.path
 
     # -- read-only helpers for tests ---------------------------------------
 
@@ -347,7 +387,8 @@ class FakePyPI:
         return self._find_file(name, filename).path
 
     def file_url(self, name: str, filename: str) -> str:
-        return self.url + self.file_path(name, filename)
+        with self._lock:
+            return self._file_url(self._blobs[self.file_path(name, filename)])
 
     def file_content(self, name: str, filename: str) -> bytes:
         return self._find_file(name, filename).content
@@ -700,7 +741,7 @@ class FakePyPI:
         yanked: bool | str = (rel.yanked_reason or True) if rel.yanked else False
         return {
             "filename": f.filename,
-            "url": self.url + f.path,
+            "url": self._file_url(f),
             "hashes": {"sha256": f.sha256},
             "requires-python": f.requires_python,
             "size": len(f.content),
@@ -766,7 +807,7 @@ class FakePyPI:
             f"    <h1>Links for {esc(proj.normalized)}</h1>",
         ]
         for f, rel in files:
-            attrs = [f'href="{esc(self.url + f.path)}#sha256={f.sha256}"']
+            attrs = [f'href="{esc(self._file_url(f))}#sha256={f.sha256}"']
             if f.requires_python is not None:
                 attrs.append(f'data-requires-python="{esc(f.requires_python)}"')
             if rel.yanked:
@@ -809,7 +850,7 @@ class FakePyPI:
     def _legacy_file(self, f: _File, rel: _Release) -> dict[str, Any]:
         return {
             "filename": f.filename,
-            "url": self.url + f.path,
+            "url": self._file_url(f),
             "digests": {"md5": f.md5, "sha256": f.sha256, "blake2b_256": f.blake2b},
             "md5_digest": f.md5,
             "size": len(f.content),
@@ -912,11 +953,16 @@ class FakePyPI:
         headers: Mapping[str, str],
         body: bytes,
         stale: bool,
+        role: str = "index",
     ) -> _Response:
         with self._lock:
             raw = self._raw_routes.get(path)
         if raw is not None:
             return raw
+        if role == "files":
+            if method in ("GET", "HEAD") and path.startswith("/packages/"):
+                return self._download(path, headers)
+            return _not_found()
         if path == "/pypi" and method == "POST":
             if not self.xmlrpc_enabled:
                 return _not_found()
@@ -951,7 +997,14 @@ class FakePyPI:
             resp = _Response(200, doc, "application/json", kind="json")
             resp.headers.append(("X-PyPI-Last-Serial", str(serial)))
             return resp
-        if path.startswith("/packages/"):
+        m = re.fullmatch(r"/packages/source/[^/]/([^/]+)/([^/]+?)(\.metadata)?", path)
+        if m:
+            with self._lock:
+                found = [f for f in self._blobs.values() if f.project == m.group(1) and f.filename == m.group(2)]
+            if found:
+                return _redirect(self.files_url + found[0].path + (m.group(3) or ""))
+            return _not_found()
+        if path.startswith("/packages/") and not self.split_hosts:
             return self._download(path, headers)
         if path.startswith("/integrity/"):
             with self._lock:
@@ -1145,6 +1198,7 @@ class _Server(ThreadingHTTPServer):
     # Don't let a slow client stall shutdown.
     block_on_close = False
     fake: FakePyPI
+    role: str = "index"
 
     def __init__(
         self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler]
@@ -1206,6 +1260,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            self.request.do_handshake()  # a client refusing our certificate ends here
+            self.request.settimeout(None)
         super().setup()
         # Headers and body go out in separate writes; with Nagle on, the
         # second waits for the client's delayed ACK (~40 ms per request).
@@ -1271,6 +1329,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers,
             body,
             stale=fault is not None and fault.kind == "stale",
+            role=self.server.role,
         )
         if fault is not None and fault.kind == "malformed" and resp.status == 200:
             resp = replace(

@@ -1,0 +1,86 @@
+"""``[mirror] root_interval``: a long cycle republishes the root index with
+the projects published so far; the serial and the trace move only when the
+cycle completes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from mirror.metrics import Metrics
+from mirror.ops.compose import open_mirror
+from tests.harness.consistency import check_tree
+from tests.harness.e2e import make_config
+from tests.harness.fakepypi import FakePyPI
+
+
+def root_names(web: Path) -> set[str]:
+    doc = json.loads((web / "simple" / "index.v1_json").read_bytes())
+    return {p["name"] for p in doc["projects"]}
+
+
+async def test_the_root_grows_during_a_long_cycle(upstream: FakePyPI, tmp_path: Path) -> None:
+    for n in range(4):
+        upstream.add_release(f"early-{n}", "1.0")
+    for n in range(2):
+        upstream.add_release(f"late-{n}", "1.0")
+    # The late projects' pages take 3 s: the cycle lasts at least that long.
+    upstream.add_fault("slow", match="/simple/late-", delay=3.0)
+    m = tmp_path / "m"
+    web = m / "web"
+    cfg = make_config(upstream.url, m, mirror={"root_interval": 0.2, "name": "me"})
+    seen: list[tuple[set[str], int, bool]] = []
+    async with open_mirror(cfg, metrics=Metrics()) as mirror:
+        syncer = mirror.syncer()
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def cycle() -> None:
+                await syncer.sync_once()
+                done.set()
+
+            nursery.start_soon(cycle)
+            with trio.fail_after(30):
+                while not done.is_set():
+                    await trio.sleep(0.05)
+                    if (web / "simple" / "index.v1_json").exists() and not done.is_set():
+                        doc = json.loads((web / "simple" / "index.v1_json").read_bytes())
+                        seen.append((root_names(web), doc["meta"]["_last-serial"], (web / "trace" / "me").exists()))
+                        # Every page the root links is there, at every instant.
+                        assert check_tree(web) == []
+        final = mirror.state.synced_serial()
+    assert seen, "no root index before the cycle ended"
+    early = {f"early-{n}" for n in range(4)}
+    mid = [names for names, _, _ in seen if names == early]
+    assert mid, f"the root never showed the early projects alone: {seen[:3]}"
+    # Mid-cycle: the root's serial is the one up to which everything is out
+    # (the late projects' events are not), and no trace is written yet.
+    late = min(upstream.project_serial("late-0"), upstream.project_serial("late-1"))
+    assert all(serial < late and not trace for _, serial, trace in seen), seen
+    assert root_names(web) == early | {"late-0", "late-1"}
+    assert final == upstream.serial and (web / "trace" / "me").exists()
+
+
+async def test_zero_means_only_at_the_end(upstream: FakePyPI, tmp_path: Path) -> None:
+    upstream.add_release("early", "1.0")
+    upstream.add_release("late", "1.0")
+    upstream.add_fault("slow", match="/simple/late/", delay=1.0)
+    m = tmp_path / "m"
+    cfg = make_config(upstream.url, m, mirror={"root_interval": 0})
+    async with open_mirror(cfg, metrics=Metrics()) as mirror:
+        syncer = mirror.syncer()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(syncer.sync_once)
+            await trio.sleep(0.6)
+            assert not (m / "web" / "simple" / "index.v1_json").exists()
+    assert root_names(m / "web") == {"early", "late"}
+
+
+def test_config(tmp_path: Path) -> None:
+    assert make_config("http://127.0.0.1:1", tmp_path / "m").mirror.root_interval == 600
+    assert make_config("http://127.0.0.1:1", tmp_path / "m", mirror={"root_interval": "2m"}).mirror.root_interval == 120
+    with pytest.raises(Exception, match="root_interval"):
+        make_config("http://127.0.0.1:1", tmp_path / "m", mirror={"root_interval": "soon"})

@@ -1,0 +1,159 @@
+"""Rate limits: a 429/503 with Retry-After (or a RateLimit header) sets the
+wait, capped at max_backoff, counted in mirror_upstream_throttled_total, and
+costs no retry on the normal schedule."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from mirror.config import UpstreamConfig
+from mirror.errors import DownloadError, UpstreamUnavailable
+from mirror.fetch.downloader import Downloader
+from mirror.layout import Layout
+from mirror.metrics import Metrics
+from mirror.publish.tree import Tree
+from mirror.upstream.client import Upstream
+from mirror.upstream.files import HttpxFiles
+from mirror.upstream.retry import RetryPolicy, throttle_wait
+from tests.harness.consistency import check_tree
+from tests.harness.e2e import make_config
+from tests.harness.fakepypi import FakePyPI
+
+BODY = b"rate limited bytes" * 50
+SHA = hashlib.sha256(BODY).hexdigest()
+URL = "https://files.test/packages/aa/bb/x-1.0.tar.gz"
+# retries=0: any answer that burns a retry fails the request.
+CFG = UpstreamConfig(url="https://up.test", user_agent="t (a@b.c)", backoff=0.0, retries=0, max_backoff=30)
+
+
+def test_throttle_wait_reads_both_header_forms() -> None:
+    now = 1_000_000.0
+    assert throttle_wait(429, "7", None, now=now) == 7
+    date = format_datetime(datetime.fromtimestamp(now, UTC) + timedelta(seconds=42), usegmt=True)
+    assert throttle_wait(503, date, None, now=now) == pytest.approx(42, abs=1)
+    assert throttle_wait(429, "Wed, 21 Oct 2015 07:28:00 GMT", None, now=2e9) == 0  # in the past
+    assert throttle_wait(500, "7", None, now=now) is None, "only 429 and 503"
+    assert throttle_wait(429, "soon", None, now=now) is None
+    assert throttle_wait(429, None, "limit=100, remaining=0, reset=12", now=now) == 12
+    assert throttle_wait(429, None, '"default";r=0;t=9', now=now) == 9
+    # A 200-like answer with quota left is no throttle; with none left it is.
+    assert throttle_wait(404, None, "limit=100, remaining=5, reset=12", now=now) is None
+    assert throttle_wait(404, None, "limit=100, remaining=0, reset=12", now=now) == 12
+    p = RetryPolicy(retries=2, backoff=1, max_backoff=30)
+    assert p.throttle_delay(3600) == 30 and p.throttle_delay(-5) == 0
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def throttled(n: int, headers: dict[str, str], status: int = 429):  # type: ignore[no-untyped-def]
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) <= n:
+            return httpx.Response(status, headers=headers)
+        return httpx.Response(200, content=BODY)
+    return handler, seen
+
+
+async def test_a_download_waits_as_asked_and_keeps_its_retries(tmp_path: Path) -> None:
+    tree = Tree.at(Layout(tmp_path / "m"))
+    tree.prepare()
+    metrics, sleeps = Metrics(), Sleeps()
+    handler, seen = throttled(3, {"Retry-After": "120"})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    dl = Downloader(HttpxFiles(client), tree.tmp, cfg=CFG, metrics=metrics, limiter=trio.CapacityLimiter(2),
+                    sleep=sleeps)
+    v = await dl.fetch(URL, sha256=SHA, size=len(BODY))
+    assert v.tmp.read_bytes() == BODY and len(seen) == 4
+    assert sleeps.waits == [30, 30, 30], "Retry-After 120 capped at max_backoff"
+    assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "file"}) == 3
+    assert metrics.registry.get_sample_value("mirror_download_errors_total", {"reason": "http_status"}) == 0
+    # Without a hint, the same 429 is an ordinary failure: retries=0 gives up.
+    handler, seen = throttled(1, {})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    dl = Downloader(HttpxFiles(client), tree.tmp, cfg=CFG, metrics=metrics, limiter=trio.CapacityLimiter(2),
+                    sleep=sleeps)
+    with pytest.raises(DownloadError, match="HTTP 429"):
+        await dl.fetch(URL, sha256=SHA, size=len(BODY))
+
+
+async def test_a_server_that_always_says_later_is_bounded(tmp_path: Path) -> None:
+    tree = Tree.at(Layout(tmp_path / "m"))
+    tree.prepare()
+    metrics, sleeps = Metrics(), Sleeps()
+    handler, seen = throttled(10_000, {"Retry-After": "1"}, status=503)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    dl = Downloader(HttpxFiles(client), tree.tmp, cfg=CFG, metrics=metrics, limiter=trio.CapacityLimiter(2),
+                    sleep=sleeps)
+    with pytest.raises(DownloadError, match="HTTP 503"):
+        await dl.fetch(URL, sha256=SHA, size=len(BODY))
+    assert len(seen) == RetryPolicy.of(CFG).max_throttled + CFG.retries + 1
+
+
+async def test_pages_and_the_feed_honour_ratelimit_headers() -> None:
+    metrics, sleeps = Metrics(), Sleeps()
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            return httpx.Response(429, headers={"RateLimit": "limit=10, remaining=0, reset=4"})
+        return httpx.Response(200, content=b"ok")
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    up = Upstream(client, CFG, metrics=metrics, sleep=sleeps)
+    r = await up.request("GET", "https://up.test/simple/", kind="page")
+    assert r.status == 200 and sleeps.waits == [4]
+    assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "page"}) == 1
+    calls.clear()
+
+    def always(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(503)  # no hint: the normal schedule, retries=0
+
+    up = Upstream(httpx.AsyncClient(transport=httpx.MockTransport(always)), CFG, metrics=metrics, sleep=sleeps)
+    with pytest.raises(UpstreamUnavailable):
+        await up.request("GET", "https://up.test/simple/", kind="page")
+    assert len(calls) == 1
+
+
+@pytest.mark.slow
+async def test_a_sync_through_429s_with_retry_after(upstream: FakePyPI, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake answers the first files and a page with 429 + Retry-After;
+    with retries = 0 the sync still completes, in helpers and in-process."""
+    from mirror.ops.compose import open_mirror
+    from mirror.sync.cycle import Syncer
+
+    monkeypatch.setattr(Syncer, "pool_min_projects", 0)
+    for n in range(3):
+        upstream.add_release(f"slow-{n}", "1.0")
+    upstream.add_fault("status", match="/packages/", count=4, status=429, headers={"Retry-After": "1"})
+    upstream.add_fault("status", match="/simple/slow-1/", count=1, status=503, headers={"Retry-After": "1"})
+    for processes in (1, 0):
+        m = tmp_path / f"m{processes}"
+        cfg = make_config(upstream.url, m, upstream={"retries": 0, "max_backoff": 0.2},
+                          mirror={"download_processes": processes})
+        metrics = Metrics()
+        async with open_mirror(cfg, metrics=metrics) as mirror:
+            report = await mirror.syncer().sync_once()
+        assert not report.failed, report.failed
+        assert check_tree(m / "web") == []
+        if processes:
+            assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "file"}) == 4
+            assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "page"}) == 1
+        upstream.add_fault("status", match="/packages/", count=2, status=429, headers={"Retry-After": "1"})
