@@ -149,6 +149,10 @@ def test_everything_goes_through_an_authenticating_proxy(tmp_path: Path) -> None
         assert any(s.startswith(f"GET {up.url}/simple/net-0/") for s in seen)
         assert any(s.startswith(f"GET {up.files_url}/packages/") for s in seen)
         assert any(s.startswith(f"GET {up.url}/packages/source/") for s in seen)
+        # Every request the two hosts answered came through the proxy.
+        forwarded = sorted(s.split(" ", 1)[0] + " " + urlsplit(s.split(" ", 1)[1]).path for s in seen)
+        answered = sorted(f"{method} {urlsplit(target).path}" for method, target, _, _ in up.requests)
+        assert forwarded == answered
         assert f"proxy http://mirror:***@127.0.0.1:{proxy.url.rsplit(':', 1)[1]} (upstream.proxy)" in r.stderr
         assert "s3cret" not in r.stderr
         status = subprocess.run([sys.executable, "-m", "mirror", "status", "--config", str(conf)],
@@ -175,6 +179,8 @@ def test_https_proxy_from_the_environment_tunnels_with_connect(tmp_path: Path, c
         seen = proxy.requests()
         files_port = up.files_url.rsplit(":", 1)[1]
         assert f"CONNECT 127.0.0.1:{up.port}" in seen and f"CONNECT 127.0.0.1:{files_port}" in seen, seen
+        # Every connection the two hosts accepted was a tunnel the proxy opened.
+        assert len(seen) == up.connections and all(s.startswith("CONNECT ") for s in seen)
         assert f"proxy {proxy.url} (from HTTPS_PROXY)" in r.stderr
         before = len(seen)
         conf2 = write_config(tmp_path / "direct.toml", up.url, tmp_path / "m2", upstream={"ca_bundle": str(cafile)})

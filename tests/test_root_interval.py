@@ -84,3 +84,38 @@ def test_config(tmp_path: Path) -> None:
     assert make_config("http://127.0.0.1:1", tmp_path / "m", mirror={"root_interval": "2m"}).mirror.root_interval == 120
     with pytest.raises(Exception, match="root_interval"):
         make_config("http://127.0.0.1:1", tmp_path / "m", mirror={"root_interval": "soon"})
+
+
+@pytest.mark.slow
+def test_a_first_sync_killed_again_and_again_serves_what_it_has(upstream: FakePyPI, tmp_path: Path) -> None:
+    """kill -9 of a long first sync, three times, each after more than one
+    root_interval: each time the root index exists, links only pages that
+    are there, and lists more; the last run completes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.harness.e2e import write_config
+
+    for n in range(40):
+        upstream.add_release(f"long-{n:02d}", "1.0")
+    upstream.add_fault("slow", match="/simple/long-", delay=0.5)
+    m = tmp_path / "m"
+    web = m / "web"
+    conf = write_config(tmp_path / "mirror.toml", upstream.url, m, mirror={"workers": 2, "root_interval": 0.5})
+    listed: list[int] = []
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "mirror", "sync", "--config", str(conf)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.6)  # three root intervals, about six projects at two workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert (web / "simple" / "index.v1_json").exists(), "no root index after a root_interval"
+        assert check_tree(web) == []
+        listed.append(len(root_names(web)))
+    assert 0 < listed[0] < listed[1] < listed[2] < 40, listed
+    r = subprocess.run([sys.executable, "-m", "mirror", "sync", "--config", str(conf)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(root_names(web)) == 40 and check_tree(web) == []

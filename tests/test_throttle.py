@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from mirror.config import UpstreamConfig
 from mirror.errors import DownloadError, UpstreamUnavailable
@@ -157,3 +158,35 @@ async def test_a_sync_through_429s_with_retry_after(upstream: FakePyPI, tmp_path
             assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "file"}) == 4
             assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "page"}) == 1
         upstream.add_fault("status", match="/packages/", count=2, status=429, headers={"Retry-After": "1"})
+
+
+async def test_under_the_autojump_clock_the_asked_waits_pass(tmp_path: Path,
+                                                              autojump_clock: trio.testing.MockClock) -> None:
+    """Real trio sleeps on a virtual clock: a file answered 429 + Retry-After
+    twice, then a page answered 429 + RateLimit once, take exactly the
+    waits they asked for, and retries = 0 is never used up."""
+    tree = Tree.at(Layout(tmp_path / "m"))
+    tree.prepare()
+    metrics = Metrics()
+    handler, seen = throttled(2, {"Retry-After": "7"})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    dl = Downloader(HttpxFiles(client), tree.tmp, cfg=CFG, metrics=metrics, limiter=trio.CapacityLimiter(2))
+    t0 = trio.current_time()
+    v = await dl.fetch(URL, sha256=SHA, size=len(BODY))
+    assert trio.current_time() - t0 == pytest.approx(14)
+    assert v.size == len(BODY) and len(seen) == 3
+
+    calls = []
+
+    def page(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            return httpx.Response(429, headers={"RateLimit": '"default";r=0;t=11'})
+        return httpx.Response(200, content=b"page")
+
+    up = Upstream(httpx.AsyncClient(transport=httpx.MockTransport(page)), CFG, metrics=metrics)
+    t0 = trio.current_time()
+    assert (await up.request("GET", "https://up.test/simple/x/", kind="page")).body == b"page"
+    assert trio.current_time() - t0 == pytest.approx(11)
+    assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "file"}) == 2
+    assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "page"}) == 1

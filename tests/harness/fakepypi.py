@@ -338,6 +338,11 @@ class FakePyPI:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
+    def connections(self) -> int:
+        """Connections both listeners accepted so far."""
+        return sum(srv.accepted for srv in (self._server, self._files_server) if srv is not None)
+
+    @property
     def files_url(self) -> str:
         """The file host (the index host itself without ``split_hosts``)."""
         if self._files_server is None:
@@ -1204,6 +1209,7 @@ class _Server(ThreadingHTTPServer):
         self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler]
     ) -> None:
         self._conns: set[socket.socket] = set()
+        self.accepted = 0  # connections accepted, ever
         self._handler_threads: set[threading.Thread] = set()
         self._conns_lock = threading.Lock()
         super().__init__(addr, handler)
@@ -1219,6 +1225,7 @@ class _Server(ThreadingHTTPServer):
 
     def track(self, conn: socket.socket) -> None:
         with self._conns_lock:
+            self.accepted += 1
             self._conns.add(conn)
             self._handler_threads.add(threading.current_thread())
 
