@@ -18,11 +18,14 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -59,12 +62,13 @@ def _syncfs(directory: Path) -> None:
     sync_filesystem(directory)
 
 
-async def fetch_lean(base: str, manifest: list[tuple[str, int, str]], *, concurrency: int,
-                     disk: Path | None) -> dict[str, float]:
-    from mirror.upstream.files import FilePool
-    from mirror.upstream.transport import tls_context
+Stream = Callable[[str], AbstractAsyncContextManager[tuple[int, AsyncIterator[bytes]]]]
 
-    pool = FilePool(ssl_context=tls_context(), user_agent="bench", timeout=60, allow_http=True)
+
+async def _fetch_each(stream: Stream, manifest: list[tuple[str, int, str]], *, concurrency: int,
+                      store: Callable[[int, list[bytes]], None] | None) -> dict[str, float]:
+    """``concurrency`` workers over the manifest: stream, hash, and ``store``
+    the chunks (in a thread) when given."""
     total = bad = 0
     todo = iter(enumerate(manifest))
 
@@ -73,57 +77,57 @@ async def fetch_lean(base: str, manifest: list[tuple[str, int, str]], *, concurr
         for n, (path, size, sha) in todo:
             h = hashlib.sha256()
             chunks: list[bytes] = []
-            async with pool.stream(base + path) as r:
-                async for chunk in r.chunks():
+            async with stream(path) as (status, body):
+                async for chunk in body:
                     h.update(chunk)
-                    if disk is not None:
+                    if store is not None:
                         chunks.append(chunk)
-            if r.status != 200 or h.hexdigest() != sha:
+            if status != 200 or h.hexdigest() != sha:
                 bad += 1
             total += size
-            if disk is not None:
-                await trio.to_thread.run_sync(_write, disk, n, chunks)
+            if store is not None:
+                await trio.to_thread.run_sync(store, n, chunks)
 
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(worker)
+    return {"files": len(manifest), "bytes": total, "bad": bad, "wall": time.perf_counter() - t0}
+
+
+async def fetch_lean(base: str, manifest: list[tuple[str, int, str]], *, concurrency: int,
+                     disk: Path | None) -> dict[str, float]:
+    from mirror.upstream.files import FilePool
+    from mirror.upstream.transport import tls_context
+
+    pool = FilePool(ssl_context=tls_context(), user_agent="bench", timeout=60, allow_http=True)
+
+    @asynccontextmanager
+    async def stream(path: str) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+        async with pool.stream(base + path) as r:
+            yield r.status, r.chunks()
+
+    t0 = time.perf_counter()
+    out = await _fetch_each(stream, manifest, concurrency=concurrency,
+                            store=functools.partial(_write, disk) if disk is not None else None)
     if disk is not None:
         await trio.to_thread.run_sync(_syncfs, disk)
-    wall = time.perf_counter() - t0
+    out["wall"] = time.perf_counter() - t0
     await pool.aclose()
-    return {"files": len(manifest), "bytes": total, "bad": bad, "wall": wall}
+    return out
 
 
 async def fetch_all(base: str, manifest: list[tuple[str, int, str]], *, concurrency: int, disk: Path | None) -> dict[str, float]:
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    total = 0
-    bad = 0
-    todo = iter(enumerate(manifest))
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
 
-        async def worker() -> None:
-            nonlocal total, bad
-            for n, (path, size, sha) in todo:
-                h = hashlib.sha256()
-                chunks: list[bytes] = []
-                async with client.stream("GET", path) as r:
-                    async for chunk in r.aiter_bytes(CHUNK):
-                        h.update(chunk)
-                        if disk is not None:
-                            chunks.append(chunk)
-                if r.status_code != 200 or h.hexdigest() != sha:
-                    bad += 1
-                total += size
-                if disk is not None:
-                    await trio.to_thread.run_sync(_store, disk, n, chunks)
+        @asynccontextmanager
+        async def stream(path: str) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+            async with client.stream("GET", path) as r:
+                yield r.status_code, r.aiter_bytes(CHUNK)
 
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(worker)
-        wall = time.perf_counter() - t0
-    return {"files": len(manifest), "bytes": total, "bad": bad, "wall": wall}
+        return await _fetch_each(stream, manifest, concurrency=concurrency,
+                                 store=functools.partial(_store, disk) if disk is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,20 +107,13 @@ async def test_a_server_that_always_says_later_is_bounded(tmp_path: Path) -> Non
 
 async def test_pages_and_the_feed_honour_ratelimit_headers() -> None:
     metrics, sleeps = Metrics(), Sleeps()
-    calls = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        if len(calls) == 1:
-            return httpx.Response(429, headers={"RateLimit": "limit=10, remaining=0, reset=4"})
-        return httpx.Response(200, content=b"ok")
-
+    handler, calls = throttled(1, {"RateLimit": "limit=10, remaining=0, reset=4"})
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     up = Upstream(client, CFG, metrics=metrics, sleep=sleeps)
     r = await up.request("GET", "https://up.test/simple/", kind="page")
-    assert r.status == 200 and sleeps.waits == [4]
+    assert r.status == 200 and r.body == BODY and sleeps.waits == [4]
     assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "page"}) == 1
-    calls.clear()
+    calls = []
 
     def always(request: httpx.Request) -> httpx.Response:
         calls.append(request)
@@ -176,17 +169,10 @@ async def test_under_the_autojump_clock_the_asked_waits_pass(tmp_path: Path,
     assert trio.current_time() - t0 == pytest.approx(14)
     assert v.size == len(BODY) and len(seen) == 3
 
-    calls = []
-
-    def page(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        if len(calls) == 1:
-            return httpx.Response(429, headers={"RateLimit": '"default";r=0;t=11'})
-        return httpx.Response(200, content=b"page")
-
+    page, _ = throttled(1, {"RateLimit": '"default";r=0;t=11'})
     up = Upstream(httpx.AsyncClient(transport=httpx.MockTransport(page)), CFG, metrics=metrics)
     t0 = trio.current_time()
-    assert (await up.request("GET", "https://up.test/simple/x/", kind="page")).body == b"page"
+    assert (await up.request("GET", "https://up.test/simple/x/", kind="page")).body == BODY
     assert trio.current_time() - t0 == pytest.approx(11)
     assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "file"}) == 2
     assert metrics.registry.get_sample_value("mirror_upstream_throttled_total", {"kind": "page"}) == 1

@@ -42,15 +42,22 @@ class UpstreamConfig:
     download_mirror_only: bool = False
 
 
-def parse_upstream(s: Section) -> UpstreamConfig:
-    d = UpstreamConfig()
-    url = s.string("url", d.url).rstrip("/")
-    allow_http = s.boolean("allow_http", d.allow_http)
+def _http_url(s: Section, key: str, url: str, *, allow_http: bool) -> str:
+    """``url`` without its trailing slash, if it is https (or http with
+    ``allow_http``)."""
+    url = url.rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise s.error("url", f"expected an http(s) URL, got {url!r}")
+        raise s.error(key, f"expected an http(s) URL, got {url!r}")
     if parts.scheme == "http" and not allow_http:
-        raise s.error("url", f"plain http upstream {url!r} refused; set upstream.allow_http = true to allow it")
+        raise s.error(key, f"plain http {url!r} refused; set upstream.allow_http = true to allow it")
+    return url
+
+
+def parse_upstream(s: Section) -> UpstreamConfig:
+    d = UpstreamConfig()
+    allow_http = s.boolean("allow_http", d.allow_http)
+    url = _http_url(s, "url", s.string("url", d.url), allow_http=allow_http)
     feed = s.string("feed", d.feed)
     if feed not in FEEDS:
         raise s.error("feed", f"expected one of {', '.join(FEEDS)}, got {feed!r}")
@@ -66,13 +73,9 @@ def parse_upstream(s: Section) -> UpstreamConfig:
     ca_bundle = s.string("ca_bundle", d.ca_bundle).strip()
     if ca_bundle and not Path(ca_bundle).exists():
         raise s.error("ca_bundle", f"{ca_bundle}: no such file or directory")
-    mirror_url = s.string("download_mirror", d.download_mirror).strip().rstrip("/")
+    mirror_url = s.string("download_mirror", d.download_mirror).strip()
     if mirror_url:
-        mparts = urlsplit(mirror_url)
-        if mparts.scheme not in ("http", "https") or not mparts.netloc:
-            raise s.error("download_mirror", f"expected an http(s) URL, got {mirror_url!r}")
-        if mparts.scheme == "http" and not allow_http:
-            raise s.error("download_mirror", f"plain http {mirror_url!r} refused; set upstream.allow_http = true")
+        mirror_url = _http_url(s, "download_mirror", mirror_url, allow_http=allow_http)
     mirror_only = s.boolean("download_mirror_only", d.download_mirror_only)
     if mirror_only and not mirror_url:
         raise s.error("download_mirror_only", "needs upstream.download_mirror")

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -111,6 +111,20 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: float) ->
         except OSError:
             time.sleep(0.05)
     return False
+
+
+def start_on_free_port(start: Callable[[int], subprocess.Popen[bytes]], what: str, *,
+                       attempts: int = 5) -> tuple[subprocess.Popen[bytes], int]:
+    """``start(port)`` on a free port until it listens (the port can be taken
+    between our check and the server's bind): (process, port)."""
+    for _ in range(attempts):
+        port = free_port()
+        proc = start(port)
+        if wait_listening(port, proc, time.monotonic() + 10):
+            return proc, port
+        proc.kill()
+        proc.wait(timeout=5)
+    raise RuntimeError(f"{what} did not start")
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.e2e import free_port, stop_process, wait_listening
+from tests.harness.e2e import start_on_free_port, stop_process
 
 
 @dataclass
@@ -38,21 +37,17 @@ def tinyproxy(workdir: Path, *, auth: tuple[str, str] | None = None) -> Iterator
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "tinyproxy.log"
     out = open(log, "ab")  # with -d and no LogFile, it logs to stdout
-    for _ in range(5):
-        port = free_port()
-        conf = workdir / "tinyproxy.conf"
+    conf = workdir / "tinyproxy.conf"
+
+    def start(port: int) -> subprocess.Popen[bytes]:
         conf.write_text(
             f"Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 64\nAllow 127.0.0.1\n"
             "LogLevel Info\nDisableViaHeader Yes\n"
             + (f"BasicAuth {auth[0]} {auth[1]}\n" if auth else "")
         )
-        proc = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
-        if wait_listening(port, proc, time.monotonic() + 10):
-            break
-        proc.kill()
-        proc.wait(timeout=5)
-    else:
-        raise RuntimeError("tinyproxy did not start")
+        return subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+
+    proc, port = start_on_free_port(start, "tinyproxy")
     try:
         yield Proxy(f"http://127.0.0.1:{port}", log)
     finally:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.harness.e2e import free_port, stop_process, wait_listening
+from tests.harness.e2e import start_on_free_port, stop_process
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "conf" / "rsyncd.conf"
 
@@ -38,18 +37,10 @@ def rsync_daemon(web: Path, workdir: Path) -> Iterator[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "rsyncd.conf"
     conf.write_text(daemon_config(web, workdir))
-    for _ in range(5):  # the free port can be taken before rsync binds it
-        port = free_port()
-        proc = subprocess.Popen(
-            ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={port}", "--address=127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        if wait_listening(port, proc, time.monotonic() + 10):
-            break
-        proc.kill()
-        proc.wait(timeout=5)
-    else:
-        raise RuntimeError("rsync --daemon did not start")
+    proc, port = start_on_free_port(lambda port: subprocess.Popen(
+        ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={port}", "--address=127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    ), "rsync --daemon")
     try:
         yield f"rsync://127.0.0.1:{port}/pypi/"
     finally:

@@ -153,25 +153,27 @@ def watchdog() -> dict[str, object]:
     return {"rc": r.returncode, "pings": pings, "state": show("mirror", "WatchdogUSec", "NRestarts")}
 
 
+def signal_and_wait(sig: signal.Signals, restarts: int, what: str) -> dict[str, object]:
+    """Send ``sig`` to the main process; wait until systemd restarted it
+    (``NRestarts`` = ``restarts``) and the new one has synced."""
+    pid = int(show("mirror", "MainPID")["MainPID"])
+    os.kill(pid, sig)
+    took = wait(f"restart after {what}", lambda: show("mirror", "NRestarts")["NRestarts"] == str(restarts)
+                and show("mirror", "ActiveState")["ActiveState"] == "active", 60)
+    wait(f"synced after the restart after {what}", synced, 60)
+    return {"signalled_pid": pid, "new_pid": int(show("mirror", "MainPID")["MainPID"]), "took": took,
+            "state": show("mirror", "NRestarts", "ActiveState")}
+
+
 @step("wedged")
 def wedged() -> dict[str, object]:
-    pid = int(show("mirror", "MainPID")["MainPID"])
-    os.kill(pid, signal.SIGSTOP)
-    took = wait("restart after the watchdog", lambda: show("mirror", "NRestarts")["NRestarts"] == "1"
-                and show("mirror", "ActiveState")["ActiveState"] == "active", 60)
-    wait("synced after the watchdog restart", synced, 60)
-    new = int(show("mirror", "MainPID")["MainPID"])
-    return {"stopped_pid": pid, "new_pid": new, "took": took, "state": show("mirror", "NRestarts", "ActiveState")}
+    # A stopped process is a wedged event loop: no WATCHDOG=1 any more.
+    return signal_and_wait(signal.SIGSTOP, 1, "the watchdog")
 
 
 @step("crash")
 def crash() -> dict[str, object]:
-    pid = int(show("mirror", "MainPID")["MainPID"])
-    os.kill(pid, signal.SIGKILL)
-    took = wait("restart after kill -9", lambda: show("mirror", "NRestarts")["NRestarts"] == "2"
-                and show("mirror", "ActiveState")["ActiveState"] == "active", 60)
-    wait("synced after the crash restart", synced, 60)
-    return {"killed_pid": pid, "took": took, "state": show("mirror", "NRestarts", "ActiveState", "MainPID")}
+    return signal_and_wait(signal.SIGKILL, 2, "kill -9")
 
 
 @step("notify_reload")
