@@ -89,7 +89,7 @@ def test_https_upstream_trusted_through_ca_bundle(tmp_path: Path, ca: tuple[Path
         assert any(t.startswith("/integrity/") for t in paths)
 
 
-def test_ssl_cert_file_is_honoured_when_the_key_is_unset(tmp_path: Path, ca: tuple[Path, Path, Path]) -> None:
+def test_ssl_cert_file_and_dir_are_honoured_when_the_key_is_unset(tmp_path: Path, ca: tuple[Path, Path, Path]) -> None:
     cafile, cert, key = ca
     with FakePyPI(seed=5, tls=(cert, key)) as up:
         populate(up)
@@ -100,6 +100,15 @@ def test_ssl_cert_file_is_honoured_when_the_key_is_unset(tmp_path: Path, ca: tup
         assert_mirrored(up, m)
         bad = sync(conf, clean_env(SSL_CERT_FILE=str(tmp_path / "nope.pem")))
         assert bad.returncode == 2 and "SSL_CERT_FILE" in bad.stderr and "Traceback" not in bad.stderr
+        # SSL_CERT_DIR: a directory of hashed certificate names (openssl rehash).
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        (certs / "corp-ca.pem").write_bytes(cafile.read_bytes())
+        subprocess.run(["openssl", "rehash", str(certs)], check=True, capture_output=True, timeout=60)
+        conf2 = write_config(tmp_path / "dir.toml", up.url, tmp_path / "m2")
+        r = sync(conf2, clean_env(SSL_CERT_DIR=str(certs)))
+        assert r.returncode == 0, r.stderr
+        assert_mirrored(up, tmp_path / "m2")
 
 
 def test_an_untrusted_certificate_is_one_clear_line_and_exit_4(tmp_path: Path, ca: tuple[Path, Path, Path]) -> None:

@@ -83,6 +83,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str,
     tmp = tmp_path_factory.mktemp("systemd")
     wheels = nspawn.build_wheels(tmp / "wheels")
     root = nspawn.copy_rootfs(base, tmp / "root")
+    nspawn.probe(root)
     _provision(root, wheels)
     srv, results = tmp / "srv", tmp / "results"
     srv.mkdir()

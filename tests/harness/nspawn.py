@@ -95,6 +95,15 @@ def copy_rootfs(base: Path, dest: Path) -> Path:
     return dest
 
 
+def probe(root: Path) -> None:
+    """Skip (or fail, under MIRROR_REQUIRE_SYSTEMD=1) when nspawn cannot start
+    a container here at all (no namespaces, a sandbox that forbids them)."""
+    r = subprocess.run([*NSPAWN, "--directory", str(root), "--pipe", "/bin/true"], capture_output=True, text=True,
+                       timeout=120)
+    if r.returncode != 0:
+        skip(f"systemd-nspawn cannot start a container here: {(r.stdout + r.stderr).strip()[-500:]}")
+
+
 def run_in(root: Path, script: str, *, binds: dict[Path, str] | None = None, timeout: float = 300) -> str:
     """Run ``script`` with /bin/sh in the container, not booted."""
     args = [*NSPAWN, "--directory", str(root), "--pipe"]
