@@ -361,7 +361,7 @@ def test_run_as_a_service(upstream: FakePyPI, tmp_path: Path) -> None:
             d.wait_log(r"config reloaded from .*mirror\.workers: 8 -> 3; daemon\.poll_interval: 1\.0 -> 1\.5")
             # systemd heard RELOADING=1 (with the time), then READY=1 once done.
             wait_until(lambda: notify.has("STATUS") and any(
-                m.get("READY") == "1" and m["STATUS"].startswith("config reloaded") for m in notify.messages),
+                m.get("READY") == "1" and m["STATUS"].startswith("config reloaded") for m in list(notify.messages)),
                 10, "READY=1 after the reload")
             reload_msgs = [m for m in notify.messages if "RELOADING" in m or m.get("STATUS", "").startswith("config")]
             assert reload_msgs[0]["RELOADING"] == "1" and int(reload_msgs[0]["MONOTONIC_USEC"]) > 0
@@ -371,7 +371,7 @@ def test_run_as_a_service(upstream: FakePyPI, tmp_path: Path) -> None:
             d.signal(signal.SIGHUP)
             d.wait_log(r"reload failed, keeping the running config: .*unknown section\(s\) or key\(s\): bogus")
             wait_until(lambda: notify.has("STATUS") and any(
-                m.get("READY") == "1" and m["STATUS"].startswith("reload refused") for m in notify.messages),
+                m.get("READY") == "1" and m["STATUS"].startswith("reload refused") for m in list(notify.messages)),
                 10, "READY=1 after a refused reload")
             upstream.add_release("pkg-1", "2.0")
             wait_until(lambda: any("2.0" in f for f in page_files(web, "pkg-1")), 30, "release after a bad reload")

@@ -30,7 +30,10 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str) -> float:
 
 
 class NotifySocket:
-    """What systemd does for Type=notify: an abstract datagram socket."""
+    """What systemd does for Type=notify: an abstract datagram socket, read
+    all the time as systemd reads it.  (A Unix datagram queue holds only
+    ``net.unix.max_dgram_qlen`` messages, 10 by default: a reader that
+    only looks now and then would make the daemon drop the rest.)"""
 
     def __init__(self) -> None:
         self.name = f"@mirror-test-{uuid.uuid4().hex}"
@@ -38,20 +41,29 @@ class NotifySocket:
         self.sock.bind("\0" + self.name[1:])
         self.sock.settimeout(0.05)
         self.messages: list[dict[str, str]] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="notify-socket", daemon=True)
+        self._reader.start()
 
-    def poll(self) -> None:
-        while True:
+    def _read(self) -> None:
+        while not self._stop.is_set():
             try:
                 data = self.sock.recv(4096).decode()
             except (TimeoutError, BlockingIOError):
-                return
+                continue
+            except OSError:
+                return  # closed
             self.messages.append(dict(line.split("=", 1) for line in data.splitlines()))
 
+    def poll(self) -> None:
+        """Kept for callers: the reader thread has already taken everything."""
+
     def has(self, key: str, value: str | None = None) -> bool:
-        self.poll()
-        return any(key in m and (value is None or m[key] == value) for m in self.messages)
+        return any(key in m and (value is None or m[key] == value) for m in list(self.messages))
 
     def close(self) -> None:
+        self._stop.set()
+        self._reader.join(timeout=5)
         self.sock.close()
 
 
