@@ -121,3 +121,35 @@ def test_reloading_carries_the_monotonic_time(listener: tuple[socket.socket, str
     assert fields["RELOADING"] == "1" and fields["STATUS"] == "reloading"
     assert before <= int(fields["MONOTONIC_USEC"]) <= after
     assert second == "READY=1\nSTATUS=reloaded"
+
+
+def test_a_full_queue_drops_status_but_waits_for_room_for_ready(listener: tuple[socket.socket, str]) -> None:
+    """A Unix datagram queue holds ``net.unix.max_dgram_qlen`` messages: STATUS
+    lines are dropped when it is full, READY=1 waits (briefly) for systemd
+    to make room."""
+    import threading
+
+    sock, path = listener
+    n = Notifier.from_environ({"NOTIFY_SOCKET": path})
+    sent = 0
+    while n.send(STATUS=f"filler {sent}"):
+        sent += 1
+        assert sent < 100_000
+    t0 = time.monotonic()
+    assert not n.send(STATUS="dropped"), "a full queue drops a STATUS line"
+    assert time.monotonic() - t0 < 0.1, "at once"
+    drained: list[str] = []
+
+    def systemd_reads_late() -> None:
+        time.sleep(0.2)
+        drained.extend(drain(sock))
+
+    reader = threading.Thread(target=systemd_reads_late)
+    reader.start()
+    t0 = time.monotonic()
+    n.ready("up")
+    took = time.monotonic() - t0
+    reader.join()
+    assert 0.1 < took < 1.0, took
+    assert "READY=1\nSTATUS=up" in drained + drain(sock)
+    n.close()

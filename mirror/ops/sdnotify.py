@@ -22,6 +22,11 @@ import trio
 
 log = logging.getLogger(__name__)
 
+# Messages that change the unit's state, and the longest the loop may wait
+# for room in systemd's queue to send one.
+_STATE_KEYS = frozenset({"READY", "RELOADING", "STOPPING"})
+STATE_WAIT = 1.0
+
 
 def socket_address(value: str) -> str | None:
     """``NOTIFY_SOCKET`` -> an address for ``sendto``, or None if unusable."""
@@ -71,16 +76,28 @@ class Notifier:
         return self._sock is not None
 
     def send(self, **fields: str) -> bool:
-        """Send ``KEY=value`` lines in one datagram; True if it went out."""
+        """Send ``KEY=value`` lines in one datagram; True if it went out.
+
+        STATUS and WATCHDOG are dropped when systemd's queue is full (a Unix
+        datagram queue holds ``net.unix.max_dgram_qlen`` messages, often 10),
+        so the event loop never waits on them.  READY, RELOADING and STOPPING
+        change what systemd does next (a start or a reload waits for READY):
+        for those the send may wait up to ``STATE_WAIT`` for room."""
         if self._sock is None or self.address is None:
             return False
         # One line per field: a newline inside a value would forge another key.
         data = "\n".join(f"{k}={' '.join(str(v).split())}" for k, v in fields.items()).encode()
+        state = not _STATE_KEYS.isdisjoint(fields)
         try:
+            if state:
+                self._sock.settimeout(STATE_WAIT)
             self._sock.sendto(data, self.address)
         except OSError as e:
-            log.debug("sd_notify %s failed: %s", ",".join(fields), e)
+            log.log(logging.WARNING if state else logging.DEBUG, "sd_notify %s failed: %s", ",".join(fields), e)
             return False
+        finally:
+            if state:
+                self._sock.setblocking(False)
         return True
 
     def ready(self, status: str) -> None:
