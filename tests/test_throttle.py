@@ -34,19 +34,23 @@ URL = "https://files.test/packages/aa/bb/x-1.0.tar.gz"
 CFG = UpstreamConfig(url="https://up.test", user_agent="t (a@b.c)", backoff=0.0, retries=0, max_backoff=30)
 
 
+def headers(retry_after: str | None, ratelimit: str | None):  # type: ignore[no-untyped-def]
+    return {"retry-after": retry_after, "ratelimit": ratelimit}.get
+
+
 def test_throttle_wait_reads_both_header_forms() -> None:
     now = 1_000_000.0
-    assert throttle_wait(429, "7", None, now=now) == 7
+    assert throttle_wait(429, headers("7", None), now=now) == 7
     date = format_datetime(datetime.fromtimestamp(now, UTC) + timedelta(seconds=42), usegmt=True)
-    assert throttle_wait(503, date, None, now=now) == pytest.approx(42, abs=1)
-    assert throttle_wait(429, "Wed, 21 Oct 2015 07:28:00 GMT", None, now=2e9) == 0  # in the past
-    assert throttle_wait(500, "7", None, now=now) is None, "only 429 and 503"
-    assert throttle_wait(429, "soon", None, now=now) is None
-    assert throttle_wait(429, None, "limit=100, remaining=0, reset=12", now=now) == 12
-    assert throttle_wait(429, None, '"default";r=0;t=9', now=now) == 9
+    assert throttle_wait(503, headers(date, None), now=now) == pytest.approx(42, abs=1)
+    assert throttle_wait(429, headers("Wed, 21 Oct 2015 07:28:00 GMT", None), now=2e9) == 0  # in the past
+    assert throttle_wait(500, headers("7", None), now=now) is None, "only 429 and 503"
+    assert throttle_wait(429, headers("soon", None), now=now) is None
+    assert throttle_wait(429, headers(None, "limit=100, remaining=0, reset=12"), now=now) == 12
+    assert throttle_wait(429, headers(None, '"default";r=0;t=9'), now=now) == 9
     # A 200-like answer with quota left is no throttle; with none left it is.
-    assert throttle_wait(404, None, "limit=100, remaining=5, reset=12", now=now) is None
-    assert throttle_wait(404, None, "limit=100, remaining=0, reset=12", now=now) == 12
+    assert throttle_wait(404, headers(None, "limit=100, remaining=5, reset=12"), now=now) is None
+    assert throttle_wait(404, headers(None, "limit=100, remaining=0, reset=12"), now=now) == 12
     p = RetryPolicy(retries=2, backoff=1, max_backoff=30)
     assert p.throttle_delay(3600) == 30 and p.throttle_delay(-5) == 0
 

@@ -151,7 +151,7 @@ async def _stream(
         async with source.stream(url) as r:
             metrics.upstream_requests.labels("file").inc()
             if r.status != 200:
-                wait = throttle_wait(r.status, r.header("retry-after"), r.header("ratelimit"), now=time.time())
+                wait = throttle_wait(r.status, r.header, now=time.time())
                 raise DownloadError(url, "http_status", f"HTTP {r.status}", wait=wait)
             # Chunks as they arrive, so the size check and the moving
             # deadline see every read.

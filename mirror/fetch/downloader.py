@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Attempts that failed before any response arrived.
 _UNANSWERED = frozenset({"connection", "timeout"})
+_GONE = frozenset(f"HTTP {s}" for s in GONE)
 
 
 class Downloader:
@@ -87,9 +88,8 @@ class Downloader:
                     attempts: int | None = None) -> Verified:
         """Download ``url`` to a verified temp file (see ``attempt``), in at
         most ``attempts`` tries (default: the retry policy's)."""
-        attempts = self.retry.attempts if attempts is None else attempts
-        failures = throttled = 0
-        wait = 0.0
+        tries = self.retry.tries(self.rng, attempts=attempts)
+        wait: float | None = 0.0
         while True:
             if wait:
                 await self.sleep(wait)
@@ -100,21 +100,18 @@ class Downloader:
                 self.metrics.bytes_downloaded.inc(v.size)
                 return v
             except DownloadError as e:
-                if e.wait is not None and throttled < self.retry.max_throttled:
-                    # Asked to wait (Retry-After, RateLimit): no retry spent.
-                    throttled += 1
-                    wait = self.retry.throttle_delay(e.wait)
+                # Gone (asked twice: a CDN can 404 once), or a refused
+                # certificate: no further attempt helps.
+                gone = e.reason == "http_status" and e.detail in _GONE and tries.failures >= 1
+                wait, throttled = tries.after_failure(asked=e.wait, final=gone or e.reason == "tls")
+                if throttled:
                     self.metrics.throttled.labels("file").inc()
                     log.info("download %s: %s, asked to wait %.0fs; waiting %.1fs", url, e.detail, e.wait, wait)
                     continue
                 self.metrics.download_errors.labels(e.reason).inc()
-                failures += 1
-                log.debug("download %s failed (attempt %d): %s", url, failures, e)
-                gone = e.reason == "http_status" and e.detail in {f"HTTP {s}" for s in GONE} and failures >= 2
-                # A refused certificate stays refused: no retry.
-                if gone or e.reason == "tls" or failures >= attempts:
-                    raise  # gone (do not hammer), or out of retries
-                wait = self.retry.delay(failures, self.rng)
+                log.debug("download %s failed (attempt %d): %s", url, tries.failures, e)
+                if wait is None:
+                    raise
 
     async def _attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> Verified:
         if self.pool is not None:

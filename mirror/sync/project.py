@@ -228,12 +228,9 @@ class ProjectSync:
         # exactly): sidecars are documents, cut at the page cap.
         limit = up.max_unknown_file_bytes if job.kind == "dist" else up.max_page_bytes
         try:
-            if job.kind == "provenance":
-                # Provenance lives on the index host, not under /packages/.
-                v = await self.d.downloader.fetch(job.url, sha256=job.sha256, size=job.size, limit=limit)
-            else:
-                v = await self.d.downloader.fetch_file(job.url, job.rel, sha256=job.sha256, size=job.size,
-                                                       limit=limit)
+            # Provenance has no hash to hold a download mirror's bytes to:
+            # fetch_file takes it from upstream's index host.
+            v = await self.d.downloader.fetch_file(job.url, job.rel, sha256=job.sha256, size=job.size, limit=limit)
         except UnsafeInput as e:
             self._refuse(job, e)
             return

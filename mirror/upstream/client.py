@@ -92,8 +92,9 @@ class Upstream:
         Statuses in ``ok`` and 4xx are returned to the caller; the body is
         capped at ``max_page_bytes``."""
         last = ""
-        failures = throttled = 0
-        wait = 0.0
+        label = "feed" if kind == "feed" else "page"
+        tries = self.retry.tries(self.rng)
+        wait: float | None = 0.0
         while True:
             if wait:
                 await self.sleep(wait)
@@ -105,26 +106,20 @@ class Upstream:
                         body = await self._read_capped(r, url)
                         return Response(r.status_code, r.headers, body, str(r.url))
                     last, reason = f"HTTP {r.status_code}", "http_status"
-                    asked = throttle_wait(r.status_code, r.headers.get("retry-after"), r.headers.get("ratelimit"),
-                                          now=time.time())
+                    asked = throttle_wait(r.status_code, r.headers.get, now=time.time())
             except httpx.TransportError as e:
                 reason, last = classify(e)
-                if reason == "tls":
-                    self.metrics.upstream_errors.labels("feed" if kind == "feed" else "page", reason).inc()
-                    raise UpstreamUntrusted(tls_message(url, last)) from None
-            if asked is not None and throttled < self.retry.max_throttled:
-                # The upstream said when: wait that long, and keep the retries.
-                throttled += 1
-                wait = self.retry.throttle_delay(asked)
-                self.metrics.throttled.labels("feed" if kind == "feed" else "page").inc()
+            wait, throttled = tries.after_failure(asked=asked, final=reason == "tls")
+            if throttled:
+                self.metrics.throttled.labels(label).inc()
                 log.info("%s %s: %s, asked to wait %.0fs; waiting %.1fs", method, url, last, asked, wait)
                 continue
-            self.metrics.upstream_errors.labels("feed" if kind == "feed" else "page", reason).inc()
-            failures += 1
-            log.debug("%s %s failed (%s), attempt %d", method, url, last, failures)
-            if failures >= self.retry.attempts:
-                raise UpstreamUnavailable(f"{method} {url}: {last} after {failures} attempts")
-            wait = self.retry.delay(failures, self.rng)
+            self.metrics.upstream_errors.labels(label, reason).inc()
+            log.debug("%s %s failed (%s), attempt %d", method, url, last, tries.failures)
+            if reason == "tls":
+                raise UpstreamUntrusted(tls_message(url, last))
+            if wait is None:
+                raise UpstreamUnavailable(f"{method} {url}: {last} after {tries.failures} attempts")
 
     async def _read_capped(self, r: httpx.Response, url: str) -> bytes:
         cap = self.cfg.max_page_bytes

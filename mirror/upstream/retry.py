@@ -12,6 +12,7 @@ Pure: the caller sleeps and counts.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 import re
 import ssl
 from dataclasses import dataclass
@@ -52,11 +53,42 @@ class RetryPolicy:
         """The wait the upstream asked for, capped at ``max_backoff``."""
         return min(self.max_backoff, max(0.0, asked))
 
+    def tries(self, rng: random.Random, *, attempts: int | None = None) -> Tries:
+        """The retry state of one request (``attempts``: default the policy's)."""
+        return Tries(self, rng, self.attempts if attempts is None else attempts)
+
     def delay(self, failures: int, rng: random.Random) -> float:
         """Seconds to wait after ``failures`` failed attempts (>= 1):
         exponential, capped at ``max_backoff``, with jitter in [0.5, 1.5)."""
         step = min(self.max_backoff, self.backoff * 2.0 ** (failures - 1))
         return float(step * (0.5 + rng.random()))
+
+
+@dataclass
+class Tries:
+    """One request's way through the policy, for every caller (the feed, the
+    pages, the files).  The caller attempts, sleeps and counts."""
+
+    policy: RetryPolicy
+    rng: random.Random
+    attempts: int
+    failures: int = 0
+    throttled: int = 0
+
+    def after_failure(self, *, asked: float | None = None, final: bool = False) -> tuple[float | None, bool]:
+        """(seconds to wait before the next attempt, or None to give up;
+        True when the wait is one the upstream asked for).
+
+        ``asked`` is the upstream's wait hint (``throttle_wait``): honoured up
+        to ``max_backoff`` without spending an attempt, at most
+        ``max_throttled`` times.  ``final``: no further attempt can help."""
+        if asked is not None and not final and self.throttled < self.policy.max_throttled:
+            self.throttled += 1
+            return self.policy.throttle_delay(asked), True
+        self.failures += 1
+        if final or self.failures >= self.attempts:
+            return None, False
+        return self.policy.delay(self.failures, self.rng), False
 
 
 def should_retry_status(status: int) -> bool:
@@ -70,12 +102,16 @@ _RATELIMIT_RESET = re.compile(r"(?:^|[;,\s])(?:reset|t)\s*=\s*(\d+)")
 _RATELIMIT_LEFT = re.compile(r"(?:^|[;,\s])(?:remaining|r)\s*=\s*(\d+)")
 
 
-def throttle_wait(status: int, retry_after: str | None, ratelimit: str | None, *, now: float) -> float | None:
+def throttle_wait(status: int, header: Callable[[str], str | None], *, now: float) -> float | None:
     """Seconds the upstream asked us to wait before asking again, or None.
 
     ``Retry-After`` on a 429 or 503, in seconds or as an HTTP date; else the
     reset time of a ``RateLimit`` header (``reset=`` of the older draft, ``t=``
-    of the structured one) when the status is 429/503 or the quota left is 0."""
+    of the structured one) when the status is 429/503 or the quota left is 0.
+    ``header`` looks a response header up by its lower-case name."""
+    if status not in THROTTLE and status < 400:
+        return None
+    retry_after, ratelimit = header("retry-after"), header("ratelimit")
     if status in THROTTLE and retry_after:
         value = retry_after.strip()
         if value.isdigit():
