@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from mirror.upstream.files import FilePool
+from mirror.upstream.proxy import rules as proxy_rules
 from mirror.upstream.retry import classify
 from tests.harness.fakepypi import FakePyPI
 from tests.harness.reliability import upstream_files
@@ -23,7 +24,8 @@ from tests.harness.tls import make_ca
 def pool(*, timeout: float = 5.0, allow_http: bool = True, ctx: ssl.SSLContext | None = None,
          proxy: str | None = None, max_redirects: int = 5) -> FilePool:
     return FilePool(ssl_context=ctx or ssl.create_default_context(), user_agent="mirror-tests (t@example.org)",
-                    timeout=timeout, allow_http=allow_http, proxy=proxy, max_redirects=max_redirects)
+                    timeout=timeout, allow_http=allow_http, max_redirects=max_redirects,
+                    rules=proxy_rules(proxy, {}) if proxy else None)
 
 
 async def get(p: FilePool, url: str) -> tuple[int, bytes]:

@@ -101,7 +101,6 @@ class Daemon:
         # every cycle that read the feed.
         self._upstream_serial = 0
         self._last_status = -1e9
-        self._reload_outcome = ""
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -248,13 +247,15 @@ class Daemon:
         """Apply the config file again; on any problem keep the running one.
         READY=1 follows either way: a refused reload is a finished one too,
         and systemd's reload job (``Type=notify-reload``) waits for it."""
-        self._reload_outcome = "reload failed"
         try:
-            return await self._reload()
-        finally:
-            self.notifier.ready(self._summary(self._reload_outcome))
+            settings, outcome = await self._reload()
+        except BaseException:
+            self.notifier.ready(self._summary("reload failed"))
+            raise
+        self.notifier.ready(self._summary(outcome))
+        return settings
 
-    async def _reload(self) -> DaemonConfig:
+    async def _reload(self) -> tuple[DaemonConfig, str]:
         old = self.cfg
         try:
             if self.config_path is None:
@@ -265,8 +266,7 @@ class Daemon:
         except ConfigError as e:
             self.metrics.reloads.labels("error").inc()
             log.error("reload failed, keeping the running config: %s", e)
-            self._reload_outcome = "reload refused, running config kept"
-            return old.daemon
+            return old.daemon, "reload refused, running config kept"
         if new.metrics.listen != old.metrics.listen:
             log.warning("metrics.listen: the change to %r takes effect at the next restart", new.metrics.listen)
             new = dataclasses.replace(new, metrics=old.metrics)
@@ -278,6 +278,5 @@ class Daemon:
         self._syncer = self._mirror.syncer(progress=self._progress)
         self.metrics.reloads.labels("ok").inc()
         log.info("config reloaded from %s: %s", new.source, "; ".join(changes) or "no change")
-        self._reload_outcome = "config reloaded"
-        return new.daemon
+        return new.daemon, "config reloaded"
 

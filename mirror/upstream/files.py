@@ -50,7 +50,6 @@ import httpx
 import trio
 
 from mirror.upstream.proxy import ProxyRules, check_proxy_url
-from mirror.upstream.proxy import rules as proxy_rules
 
 RECEIVE = 256 * 1024
 # Idle keep-alive connections older than this are not reused: a server's
@@ -144,7 +143,7 @@ class _Response:
 class FilePool:
     def __init__(
         self, *, ssl_context: ssl.SSLContext, user_agent: str, timeout: float, allow_http: bool,
-        max_idle: int = 64, max_redirects: int = 5, proxy: str | None = None, rules: ProxyRules | None = None,
+        max_idle: int = 64, max_redirects: int = 5, rules: ProxyRules | None = None,
     ) -> None:
         self.ssl_context = ssl_context
         self.user_agent = user_agent.encode()
@@ -152,8 +151,8 @@ class FilePool:
         self.allow_http = allow_http
         self.max_idle = max_idle
         self.max_redirects = max_redirects
-        # A URL: every request through it; rules: per host (NO_PROXY).
-        self.rules = rules if rules is not None else proxy_rules(proxy, {}) if proxy else ProxyRules()
+        # Which proxy each host goes through (``mirror.upstream.proxy``).
+        self.rules = rules if rules is not None else ProxyRules()
         self._proxies: dict[Origin, SplitResult | None] = {}
         self._idle: dict[Origin, deque[_Connection]] = {}
         self.connections_opened = 0
