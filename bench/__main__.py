@@ -75,7 +75,7 @@ def print_table(res: dict[str, Any]) -> None:
         print(f"{'':14} {'wall s':>8} {'files/s':>9} {'MB/s':>8} {'CPU s':>8} {'CPU/file':>9} {'peak RSS':>10} "
               f"{'host CPU':>9}")
         for key, label in (("raw", "raw (httpx)"), ("curl", "curl+sha256sum"), ("bandersnatch", "bandersnatch"),
-                           ("mirror", "mirror sync"), ("raw_disk", "raw+disk"), ("raw_disk_2", "raw+disk x2"),
+                           ("mirror", "mirror sync"), ("mirror_s3", "mirror -> S3"), ("raw_disk", "raw+disk"), ("raw_disk_2", "raw+disk x2"),
                            ("lean_disk_2", "lean+syncfs x2")):
             if key not in s:
                 continue
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the sync scenario")
     p.add_argument("--bandersnatch", metavar="PATH",
                    help="the bandersnatch binary of its own venv (Python >= 3.12), run on the same corpus")
+    p.add_argument("--s3", choices=("moto", "radosgw"),
+                   help="also sync the corpus into a bucket on this S3 server (started here), next to the disk run")
     p.add_argument("--floors", action="store_true",
                    help="also run raw+disk in one and two processes (write, fsync, rename; no mirror logic)")
     p.add_argument("--scale-projects", type=int, default=200_000)
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sync: generating {args.files} files ...", file=sys.stderr, flush=True)
             res["sync"] = scenarios.initial_sync(work, files=args.files, seed=args.seed, workers=args.workers, keep=args.keep,
                                                   rounds=max(1, args.rounds), bandersnatch=args.bandersnatch,
-                                                  floors=args.floors)
+                                                  floors=args.floors, s3=args.s3)
         if "scale" in wanted:
             print(f"scale: seeding {args.scale_projects} projects ...", file=sys.stderr, flush=True)
             res["scale"] = scenarios.scale(work, projects=args.scale_projects, cycles=args.cycles,

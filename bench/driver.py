@@ -32,7 +32,7 @@ from mirror.publish.lock import DirectoryLock
 from mirror.metrics import Metrics
 from mirror.publish.state import State
 from mirror.sync.cycle import CycleReport, Syncer
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 from mirror.upstream.files import HttpxFiles
 from mirror.layout import Layout
 
@@ -84,7 +84,7 @@ async def publish_root(cfg: Config) -> dict[str, Any]:
     try:
         async with httpx.AsyncClient() as client:
             syncer = Syncer(cfg, client=client, files=HttpxFiles(client), state=state,
-                            tree=Tree.at(Layout(cfg.mirror.directory)), metrics=Metrics())
+                            tree=FileTree.at(Layout(cfg.mirror.directory)), metrics=Metrics())
             report = CycleReport(projects_synced=1)
             # As after a cycle that added a project: both root pages are stale.
             state.set_meta(root_json_dirty=1, root_html_dirty=1)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -122,7 +123,7 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool, rounds: int = 3,
-                 bandersnatch: str | None = None, floors: bool = False) -> dict[str, Any]:
+                 bandersnatch: str | None = None, floors: bool = False, s3: str | None = None) -> dict[str, Any]:
     """Every contender on one corpus, ``rounds`` times in turn.
 
     Per round: the raw httpx baseline, the curl baseline, bandersnatch (when
@@ -130,7 +131,10 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
     raw+disk in one and in two processes.  Interleaved rounds and medians,
     because on a shared machine the same command's wall time drifts by tens
     of percent within minutes; each round's ratios compare runs made back to
-    back."""
+    back.  ``s3`` ("moto" or "radosgw"): also ``mirror sync`` into a bucket on
+    that server, started here (``tests.harness.s3``), next to the
+    filesystem run; the server's own CPU is not the mirror's and is not
+    counted."""
     root = work / "corpus"
     t0 = time.perf_counter()
     stats = corpus.generate(root, files=files, seed=seed)
@@ -140,9 +144,13 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
     out: dict[str, Any] = {"corpus": {**stats.__dict__, "urls": n_urls, "generate_s": gen}, "rounds": rounds,
                            "download_processes": default_download_processes()}
     keys = ["raw", "curl", *(["bandersnatch"] if bandersnatch else []), "mirror",
-            *(["raw_disk", "raw_disk_2", "lean_disk_2"] if floors else [])]
+            *(["mirror_s3"] if s3 else []), *(["raw_disk", "raw_disk_2", "lean_disk_2"] if floors else [])]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
-    with Upstream(root, work / "run-sync") as up:
+    with contextlib.ExitStack() as stack:
+        up = stack.enter_context(Upstream(root, work / "run-sync"))
+        bucket_server = _start_s3(stack, s3, work) if s3 else None
+        if bucket_server is not None:
+            out["s3_server"] = bucket_server.kind
         out["server"] = up.server
         py = sys.executable
         raw_cmd = [py, "-m", "bench.raw", "--url", up.url, "--manifest", str(manifest), "--concurrency", str(workers)]
@@ -197,6 +205,10 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
             if not keep:
                 shutil.rmtree(mdir, ignore_errors=True)
 
+            if bucket_server is not None:
+                runs["mirror_s3"].append(_s3_round(bucket_server, work, up.url, n, workers, n_urls, stats.bytes))
+                up.traffic()
+
             if floors:
                 disk_dir = work / "raw-disk"
                 settle()
@@ -242,6 +254,52 @@ def initial_sync(work: Path, *, files: int, seed: int, workers: int, keep: bool,
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     return out
+
+
+def _start_s3(stack: contextlib.ExitStack, kind: str, work: Path) -> Any:
+    from tests.harness import s3 as harness
+
+    if kind == "moto":
+        return stack.enter_context(harness.moto_server(work))
+    if kind == "radosgw":
+        why = harness.ceph_missing()
+        if why:
+            raise RuntimeError(f"--s3 radosgw: {why}")
+        return stack.enter_context(harness.radosgw(work))
+    raise ValueError(f"--s3: moto or radosgw, not {kind!r}")
+
+
+def _s3_round(server: Any, work: Path, url: str, n: int, workers: int, n_urls: int, nbytes: int) -> dict[str, Any]:
+    """``mirror sync`` of the corpus into a fresh bucket; the bucket is
+    emptied afterwards (moto keeps every object in memory)."""
+    from tests.harness.e2e import _toml
+
+    bucket = server.make_bucket(f"bench-sync-{os.getpid()}-{n}")
+    mdir = work / "mirror-s3"
+    shutil.rmtree(mdir, ignore_errors=True)
+    cfg = write_config(work / "s3.toml", url, mdir, workers=workers, xmlrpc_interval=0)
+    storage = server.storage(work, bucket)
+    with open(cfg, "a") as f:
+        f.write('[storage]\nbackend = "s3"\n[storage.s3]\n')
+        for k, v in storage["s3"].items():
+            f.write(f"{k} = {_toml(v)}\n")
+    settle()
+    r = run_child([sys.executable, "-m", "mirror", "--log-level", "warning", "sync", "--config", str(cfg)])
+    if r["rc"] != 0:
+        raise RuntimeError(f"mirror sync into {server.kind} exited {r['rc']}: {r['stdout'][-2000:]}")
+    m = _rates(r, n_urls, nbytes)
+    _check_tree(mdir, n_urls, nbytes)
+    client = server.client()
+    from tests.harness.s3 import objects
+
+    objs = objects(client, bucket)
+    m["objects"] = len(objs)
+    m["object_bytes"] = sum(o["Size"] for o in objs.values())
+    keys = [{"Key": o["Key"]} for o in objs.values()]
+    for i in range(0, len(keys), 1000):
+        client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
+    shutil.rmtree(mdir, ignore_errors=True)
+    return m
 
 
 def _check_tree(mdir: Path, n_urls: int, nbytes: int) -> None:

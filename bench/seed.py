@@ -20,7 +20,7 @@ from pathlib import Path
 from mirror.publish import render
 from mirror.model import NormalizedName, RootEntry, Serial
 from mirror.publish.state import State
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 from mirror.layout import Layout
 
 
@@ -51,7 +51,7 @@ def seeded_project(i: int) -> SeededProject:
 
 def seed_state(directory: Path, projects: int, *, files: bool = True, root: bool = True) -> int:
     """Write a state that follows ``projects`` projects; return the feed serial."""
-    tree = Tree.at(Layout(directory))
+    tree = FileTree.at(Layout(directory))
     tree.prepare()
     state = State.open(Layout(directory).db)
     db = state.db

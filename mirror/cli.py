@@ -230,7 +230,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     # No lock and a read-only database: this must answer while a sync runs.
     cfg = load_config(args.config)
     status = dataclasses.replace(read_status(cfg.layout), upstream=cfg.upstream.url,
-                                 network=proxy_rules(cfg.upstream).describe())
+                                 network=proxy_rules(cfg.upstream).describe(),
+                                 storage=cfg.storage.s3.where if cfg.storage.s3 is not None else "")
     if args.json:
         print(json.dumps(status.to_json(), indent=2))
     else:

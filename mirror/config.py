@@ -21,11 +21,12 @@ from typing import Any
 from mirror.errors import ConfigError
 from mirror.layout import Layout
 from mirror.plan.filterconf import Filters, parse_filters
+from mirror.publish.storecfg import StorageConfig, parse_storage
 from mirror.tables import Section, parse_duration
 from mirror.upstream.config import UpstreamConfig, parse_upstream
 
 __all__ = [
-    "Config", "DaemonConfig", "MetricsConfig", "MirrorConfig", "UpstreamConfig",
+    "Config", "DaemonConfig", "MetricsConfig", "MirrorConfig", "StorageConfig", "UpstreamConfig",
     "default_download_processes", "load_config", "parse_config", "parse_duration",
 ]
 
@@ -71,6 +72,7 @@ class Config:
     mirror: MirrorConfig = MirrorConfig()
     daemon: DaemonConfig = DaemonConfig()
     metrics: MetricsConfig = MetricsConfig()
+    storage: StorageConfig = StorageConfig()
     mirror_filters: Filters = field(default_factory=Filters)
     # Identifies the filter settings (including an allow_from file's text) so
     # a sync can tell that they changed and replay the state against them.
@@ -129,7 +131,7 @@ def _metrics(s: Section) -> MetricsConfig:
 
 
 def parse_config(data: dict[str, Any], *, source: str, base: Path) -> Config:
-    known = {"upstream", "mirror", "daemon", "metrics", "filters"}
+    known = {"upstream", "mirror", "daemon", "metrics", "filters", "storage"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) or key(s): {', '.join(unknown)}")
@@ -152,6 +154,7 @@ def parse_config(data: dict[str, Any], *, source: str, base: Path) -> Config:
         mirror=_mirror(Section(data.get("mirror", {}), "mirror", source), base),
         daemon=_daemon(Section(data.get("daemon", {}), "daemon", source)),
         metrics=_metrics(Section(data.get("metrics", {}), "metrics", source)),
+        storage=parse_storage(data.get("storage", {}), source=source, base=base),
         mirror_filters=parsed_filters,
         filters_fingerprint=fingerprint,
         source=source,

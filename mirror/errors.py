@@ -18,6 +18,7 @@
     │   ├── HashMismatch(url, expected, actual)
     │   └── SizeMismatch(url, expected, actual)
     ├── DiskError                    ENOSPC / EROFS / EIO while writing
+    │   └── StorageError(reason)     the bucket refused or failed (S3 tree)
     ├── MassDeleteBlocked(reason)    the safety valve held a cycle back
     └── SyncIncomplete(failed)       some projects were deferred
 
@@ -158,6 +159,18 @@ class DiskError(MirrorError):
     def of(cls, e: OSError, what: str) -> DiskError:
         """``what`` failed with ``e``: one line naming both."""
         return cls(f"{what}: {e.strerror or e}")
+
+
+class StorageError(DiskError):
+    """The object store refused or failed an operation, after the client's
+    own retries; ``reason`` is the ``mirror_upload_errors_total`` label."""
+
+    def __init__(self, message: str, reason: str = "http_status") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (str(self), self.reason)
 
 
 class MassDeleteBlocked(MirrorError):

@@ -19,6 +19,7 @@ can switch without touching nginx::
       state/
         mirror.sqlite3              the state database (WAL)
         lock                        flock; the pid of the running instance
+        s3-uploads                  [storage] backend = "s3": uploads not yet recorded
         tmp/                        temp files, on web/'s filesystem (renames are atomic)
 
 Pure: path arithmetic only, no I/O.
@@ -41,6 +42,21 @@ LAST_MODIFIED = "last-modified"
 CHANGES = "changes/"
 CHANGES_INDEX = "changes/index.txt"
 TRACES = "trace/"
+# What a web server sends with each kind of path (conf/nginx.conf says the
+# same in its own words; tests/test_conf_files.py holds the two together),
+# and what an object store is told to send (the S3 tree sets both on every
+# object it uploads).
+_TYPES = (
+    (".v1_json", "application/vnd.pypi.simple.v1+json"),
+    (".v1_html", "application/vnd.pypi.simple.v1+html"),
+    (".html", "text/html; charset=utf-8"),
+    (".metadata", "text/plain; charset=utf-8"),
+    (".provenance", "application/json"),
+    (".zip", "application/zip"),
+)
+IMMUTABLE = "public, max-age=31536000, immutable"
+PAGE_MAX_AGE = "public, max-age=600"
+NO_CACHE = "no-cache"
 # The directories holding one directory of pages per project.
 PAGE_TOPS = ("simple", "pypi")
 TEMP_SUFFIX = ".part"
@@ -78,6 +94,28 @@ def is_package_path(rel: str) -> bool:
     return rel.startswith(PACKAGES)
 
 
+def content_type(rel: str) -> str:
+    """The Content-Type of the object at ``rel``."""
+    if rel.startswith("pypi/"):
+        return "application/json"
+    if rel == LAST_MODIFIED or rel.startswith((TRACES, CHANGES)):
+        return "text/plain; charset=utf-8"
+    for suffix, media in _TYPES:
+        if rel.endswith(suffix):
+            return media
+    return "application/octet-stream"
+
+
+def cache_control(rel: str) -> str:
+    """How long a cache may keep ``rel``: files for good (their paths are
+    content-addressed), pages briefly, the freshness markers not at all."""
+    if is_package_path(rel):
+        return IMMUTABLE
+    if rel.startswith(("simple/", "pypi/")):
+        return PAGE_MAX_AGE
+    return NO_CACHE
+
+
 # Unique among the processes sharing one state/tmp: a random prefix per
 # process, then a counter (no random bytes, so no system call, per name).
 _TEMP_PREFIX = secrets.token_hex(8)
@@ -112,6 +150,11 @@ class Layout:
     @property
     def lock(self) -> Path:
         return self.state / "lock"
+
+    @property
+    def uploads_journal(self) -> Path:
+        """The keys a bucket tree may hold unrecorded (``mirror.publish.s3tree``)."""
+        return self.state / "s3-uploads"
 
     @property
     def tmp(self) -> Path:

@@ -22,6 +22,10 @@ PAGE_COUNTERS = ("mirror_upstream_requests", "mirror_upstream_errors", "mirror_s
                  "mirror_upstream_rejected", "mirror_upstream_throttled")
 # Why a feed or page request failed (each failed attempt, before retries).
 UPSTREAM_ERROR_REASONS = ("http_status", "connection", "truncated", "timeout", "tls")
+# Why an upload to object storage failed (each failed object, after the
+# client's own retries): the server refused the checksum, refused us
+# (credentials, policy), answered 5xx, or could not be reached.
+UPLOAD_ERROR_REASONS = ("checksum", "denied", "http_status", "connection", "timeout")
 
 
 class Metrics:
@@ -107,6 +111,16 @@ class Metrics:
         self.files_retired = Counter(
             "mirror_files_retired_total", "Unreferenced files deleted after the grace period.", registry=r
         )
+        self.uploads = Counter(
+            "mirror_uploads_total", "Objects uploaded to object storage ([storage] backend = \"s3\").", registry=r
+        )
+        self.upload_bytes = Counter("mirror_upload_bytes_total", "Bytes uploaded to object storage.", registry=r)
+        self.upload_errors = Counter(
+            "mirror_upload_errors_total", "Failed uploads to object storage, by reason.", ["reason"], registry=r
+        )
+        for reason in UPLOAD_ERROR_REASONS:
+            self.upload_errors.labels(reason)
+        self.uploads_in_flight = Gauge("mirror_uploads_in_flight", "Uploads to object storage under way.", registry=r)
         self.tree_files = Gauge("mirror_tree_files", "Verified files in the tree.", registry=r)
         self.tree_bytes = Gauge("mirror_tree_bytes", "Bytes of verified files in the tree.", registry=r)
         self.up = Gauge("mirror_up", "1 while the mirror process runs.", registry=r)

@@ -110,3 +110,27 @@ def test_prometheus_example_is_valid_and_scrapes_the_default_port() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     host, port = split_listen(load_config(CONF).metrics.listen)
     assert f'"{host}:{port}"' in PROMETHEUS.read_text()
+
+
+def test_object_headers_match_what_nginx_sends() -> None:
+    """A bucket's objects carry the Content-Type and Cache-Control that
+    conf/nginx.conf sends for the same path (mirror.layout owns both)."""
+    from mirror import layout
+
+    text = (ROOT / "conf" / "nginx.conf").read_text()
+    types = dict((ext, media) for media, ext in re.findall(r"^\s+([\w./+-]+)\s+(\w+);$",
+                                                          text.split("types {")[1].split("}")[0], re.M))
+    charset = {"text/html", "text/plain"}  # `charset utf-8` with charset_types text/plain
+    for rel in ("simple/x/index.html", "simple/x/index.v1_html", "simple/x/index.v1_json",
+                "packages/a/b/c/x-1.0-py3-none-any.whl.metadata", "packages/a/b/c/x.whl.provenance",
+                "packages/a/b/c/x-1.0.zip"):
+        media = types[rel.rsplit(".", 1)[1]]
+        want = f"{media}; charset=utf-8" if media in charset else media
+        assert layout.content_type(rel) == want, rel
+    assert layout.content_type("packages/a/b/c/x-1.0-py3-none-any.whl") == "application/octet-stream"
+    assert "default_type application/octet-stream;" in text
+    caches = dict(re.findall(r'location (\S+) \{[^}]*?add_header Cache-Control "([^"]+)"', text))
+    assert layout.cache_control("packages/a/b/c/x.whl") == caches["/packages/"]
+    assert layout.cache_control("simple/x/index.v1_json") == caches["/simple/"]
+    assert layout.cache_control("pypi/x/json") == caches["/pypi/"]
+    assert layout.cache_control("trace/host") == caches["/trace/"]

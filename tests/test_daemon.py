@@ -27,7 +27,7 @@ from mirror.errors import DiskError
 from mirror.metrics import Metrics
 from mirror.ops.sdnotify import Notifier
 from mirror.publish.state import State
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 from mirror.layout import Layout
 from tests.harness.consistency import check_tree
 from tests.harness.daemonproc import DaemonProcess, NotifySocket, sample, scrape, wait_until
@@ -241,17 +241,17 @@ async def test_a_full_disk_backs_off_and_recovers(
 ) -> None:
     populate(upstream, 2)
     cfg = make_config(upstream.url, tmp_path / "m", daemon={"poll_interval": 0.1}, metrics={"listen": ""})
-    real = Tree.place
+    real = FileTree.place
     calls = []
 
-    def flaky(self: Tree, tmp: Path, rel: str) -> None:
+    def flaky(self: FileTree, tmp: Path, rel: str, sha256: str | None = None) -> None:
         calls.append(rel)
         if len(calls) == 1:
             self.discard(tmp)
             raise DiskError(f"publishing {rel}: No space left on device")
-        real(self, tmp, rel)
+        real(self, tmp, rel, sha256)
 
-    monkeypatch.setattr(Tree, "place", flaky)
+    monkeypatch.setattr(FileTree, "place", flaky)
     metrics = Metrics()
     daemon = Daemon(cfg, config_path=None, metrics=metrics, handle_signals=False)
 
@@ -280,13 +280,13 @@ async def test_hard_deadline_when_a_thread_never_returns(
     release = threading.Event()
     entered = threading.Event()
 
-    def hung_disk(self: Tree, tmp: Path, rel: str) -> None:
+    def hung_disk(self: FileTree, tmp: Path, rel: str, sha256: str | None = None) -> None:
         entered.set()
         release.wait(20)  # a rename on a wedged disk: no cancellation reaches it
         self.discard(tmp)
         raise DiskError("I/O error")
 
-    monkeypatch.setattr(Tree, "place", hung_disk)
+    monkeypatch.setattr(FileTree, "place", hung_disk)
     monkeypatch.setattr(daemon_module, "HARD_GRACE", 0.3)
     exits: list[tuple[int, float]] = []
 
@@ -307,11 +307,11 @@ async def test_hard_deadline_when_a_thread_never_returns(
 def test_cli_reports_errors_from_worker_tasks_without_a_traceback(
     upstream: FakePyPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def full(self: Tree, tmp: Path, rel: str) -> None:
+    def full(self: FileTree, tmp: Path, rel: str, sha256: str | None = None) -> None:
         self.discard(tmp)
         raise DiskError(f"publishing {rel}: No space left on device")
 
-    monkeypatch.setattr(Tree, "place", full)
+    monkeypatch.setattr(FileTree, "place", full)
     populate(upstream, 2)
     conf = write_config(tmp_path / "mirror.toml", upstream.url, tmp_path / "m")
     assert cli.main(["sync", "--config", str(conf)]) == 5

@@ -17,7 +17,7 @@ from mirror.config import UpstreamConfig
 from mirror.fetch.downloader import Downloader
 from mirror.errors import DownloadError, HashMismatch, SizeMismatch
 from mirror.metrics import Metrics
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 from mirror.upstream.files import HttpxFiles
 from mirror.layout import Layout
 
@@ -40,7 +40,7 @@ async def no_sleep(_: float) -> None:
 class Env:
     def __init__(self, tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response],
                  cfg: UpstreamConfig = CFG) -> None:
-        self.tree = Tree.at(Layout(tmp_path / "mirror"))
+        self.tree = FileTree.at(Layout(tmp_path / "mirror"))
         self.tree.prepare()
         self.metrics = Metrics()
         self.requests: list[httpx.Request] = []

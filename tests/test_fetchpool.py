@@ -26,7 +26,7 @@ from mirror.errors import ProjectNotFound, StalePage, DownloadError
 from mirror.fetch.pool import FetchPool, NoWorker
 from mirror.metrics import Metrics
 from mirror.sync.cycle import POOL_MIN_PROJECTS, Syncer
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree, Tree
 from mirror.upstream.client import Upstream
 from mirror.upstream.transport import open_client, open_files
 from mirror.layout import Layout
@@ -48,7 +48,7 @@ def _one_file(up: FakePyPI) -> tuple[str, bytes, str]:
 
 
 def _tree(directory: Path) -> Tree:
-    tree = Tree.at(Layout(directory))
+    tree = FileTree.at(Layout(directory))
     tree.prepare()
     return tree
 

@@ -26,17 +26,13 @@ from tests.harness.clients import make_venv, pip_env, run, uv_binary, uv_env
 from tests.harness.consistency import check_tree
 from tests.harness.e2e import make_config
 from tests.harness.fakepypi import FakePyPI
-from tests.harness.nginx import Nginx, nginx_binary, run_nginx
+from tests.harness.nginx import CLIENT_ACCEPT, JSON, V1_HTML, Nginx, nginx_binary, run_nginx
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (.ci/run installs Debian's nginx)"),
 ]
 
-JSON = "application/vnd.pypi.simple.v1+json"
-V1_HTML = "application/vnd.pypi.simple.v1+html"
-# What pip and uv send (pip's exact header).
-CLIENT_ACCEPT = f"{JSON}, {V1_HTML}; q=0.1, text/html; q=0.01"
 
 
 @dataclass

@@ -17,14 +17,14 @@ from mirror.layout import Layout, project_pages
 from mirror.metrics import Metrics
 from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, Serial
 from mirror.publish.state import State
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree, Tree
 from mirror.sync.project import CycleReport, Deps, Publication
 from mirror.sync.publisher import Publisher
 
 SHA = "a" * 64
 
 
-class RecordingTree(Tree):
+class RecordingTree(FileTree):
     """A real tree that logs what happens, and whose first barrier waits for the test."""
 
     def __init__(self, layout: Layout) -> None:
@@ -38,8 +38,8 @@ class RecordingTree(Tree):
         with self.lock:
             self.events.append((what, detail))
 
-    def place(self, tmp: Path, rel: str) -> None:
-        super().place(tmp, rel)
+    def place(self, tmp: Path, rel: str, sha256: str | None = None) -> None:
+        super().place(tmp, rel, sha256)
         self.log("place", rel)
 
     def barrier(self) -> None:

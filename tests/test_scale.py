@@ -23,7 +23,7 @@ from mirror.metrics import Metrics
 from mirror.model import NormalizedName, RootEntry, Serial
 from mirror.publish.rootindex import write_root
 from mirror.publish.state import State
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 from mirror.layout import Layout
 from tests.harness.e2e import make_config
 from tests.harness.fakepypi import FakePyPI
@@ -86,7 +86,7 @@ def test_iter_root_is_the_whole_pages_in_pieces(entries: list[RootEntry], batch:
 
 def test_write_root_publishes_what_the_state_lists(tmp_path: Path) -> None:
     serial = seed_state(tmp_path, 2_500, files=False, root=False)
-    tree = Tree.at(Layout(tmp_path))
+    tree = FileTree.at(Layout(tmp_path))
     state = State.open(Layout(tmp_path).db)
     try:
         entries = list(state.root_entries())

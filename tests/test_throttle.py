@@ -19,7 +19,7 @@ from mirror.errors import DownloadError, UpstreamUnavailable
 from mirror.fetch.downloader import Downloader
 from mirror.layout import Layout
 from mirror.metrics import Metrics
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 from mirror.upstream.client import Upstream
 from mirror.upstream.files import HttpxFiles
 from mirror.upstream.retry import RetryPolicy, throttle_wait
@@ -75,7 +75,7 @@ def throttled(n: int, headers: dict[str, str], status: int = 429):  # type: igno
 
 
 async def test_a_download_waits_as_asked_and_keeps_its_retries(tmp_path: Path) -> None:
-    tree = Tree.at(Layout(tmp_path / "m"))
+    tree = FileTree.at(Layout(tmp_path / "m"))
     tree.prepare()
     metrics, sleeps = Metrics(), Sleeps()
     handler, seen = throttled(3, {"Retry-After": "120"})
@@ -97,7 +97,7 @@ async def test_a_download_waits_as_asked_and_keeps_its_retries(tmp_path: Path) -
 
 
 async def test_a_server_that_always_says_later_is_bounded(tmp_path: Path) -> None:
-    tree = Tree.at(Layout(tmp_path / "m"))
+    tree = FileTree.at(Layout(tmp_path / "m"))
     tree.prepare()
     metrics, sleeps = Metrics(), Sleeps()
     handler, seen = throttled(10_000, {"Retry-After": "1"}, status=503)
@@ -167,7 +167,7 @@ async def test_under_the_autojump_clock_the_asked_waits_pass(tmp_path: Path,
     downloader's writes are thread hops, and a jump during one would skip
     virtual time to the next deadline (the request's timeout)."""
     autojump_clock.autojump_threshold = 1.0
-    tree = Tree.at(Layout(tmp_path / "m"))
+    tree = FileTree.at(Layout(tmp_path / "m"))
     tree.prepare()
     metrics = Metrics()
     handler, seen = throttled(2, {"Retry-After": "7"})

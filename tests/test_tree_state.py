@@ -15,7 +15,7 @@ import pytest
 from mirror.errors import DiskError, UnsafePath
 from mirror.model import NormalizedName, ProjectSnapshot, ReleaseFile, Serial
 from mirror.publish.state import State, decode_snapshot, encode_snapshot
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree, Tree
 from mirror.layout import Layout
 
 # -- Tree ---------------------------------------------------------------------------
@@ -23,7 +23,7 @@ from mirror.layout import Layout
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Tree:
-    t = Tree.at(Layout(tmp_path / "mirror"))
+    t = FileTree.at(Layout(tmp_path / "mirror"))
     t.prepare()
     return t
 
@@ -39,7 +39,7 @@ def all_files(root: Path) -> list[str]:
 
 
 def test_prepare_creates_layout(tmp_path: Path) -> None:
-    t = Tree.at(Layout(tmp_path / "mirror"))
+    t = FileTree.at(Layout(tmp_path / "mirror"))
     assert t.prepare() == 0
     assert t.web.is_dir()
     assert t.tmp.is_dir()

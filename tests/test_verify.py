@@ -17,7 +17,7 @@ import pytest
 from mirror import cli
 from mirror.publish.lock import DirectoryLock
 from mirror.publish.state import State
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 from mirror.ops.verify import Verifier, verify
 from mirror.layout import Layout
 from tests.harness.e2e import make_config, write_config
@@ -220,7 +220,7 @@ def test_verify_streams_in_bounded_memory(tmp_path: Path) -> None:
     """25 000 rows whose files are all missing and 1 000 orphans on disk: the
     checks hold one batch (about 1 MB), not one object per problem (5 MB)."""
     directory = tmp_path / "m"
-    tree = Tree.at(Layout(directory))
+    tree = FileTree.at(Layout(directory))
     tree.prepare()
     state = State.open(Layout(directory).db)
     rows = [(f"packages/{i % 256:02x}/{i:06d}/f{i}.whl", 10, "0" * 64) for i in range(25_000)]

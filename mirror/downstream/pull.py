@@ -60,7 +60,7 @@ from mirror.errors import ConfigError, DiskError, PullError, UnsafePath
 from mirror.layout import PullLayout
 from mirror.model import safe_component
 from mirror.publish.lock import DirectoryLock
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class _Pull:
         self.src = source_url(source)
         self.dest = dest
         self.layout = PullLayout(dest)
-        self.tree = Tree.at(self.layout)
+        self.tree = FileTree.at(self.layout)
         self.name = name
         self.rsync = rsync
         self.want = want

@@ -30,6 +30,7 @@ page directories younger than an hour are not called orphans.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -40,11 +41,12 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 from mirror import layout
 from mirror.publish import pagelinks, render
 from mirror.publish.state import State
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class Verifier:
     """The checks; each is a generator of problems.  ``live`` means a mirror
     may be writing at the same time."""
 
-    def __init__(self, tree: Tree, state: State, *, hash: bool = False, live: bool = True, batch: int = 1000) -> None:
+    def __init__(self, tree: FileTree, state: State, *, hash: bool = False, live: bool = True, batch: int = 1000) -> None:
         self.tree = tree
         self.web = tree.web
         # Plain strings on the hot paths: pathlib parses (and interns) every
@@ -207,8 +209,8 @@ class Verifier:
             return  # pages went out after the root was written: a mirror is at work
         if self.state.project_count() == 0:
             return  # nothing published, no root needed yet
-        paths = [os.path.join(self.root, rel) for rel in layout.ROOT_PAGES]
-        missing = [rel for rel, p in zip(layout.ROOT_PAGES, paths) if self._read_head(p) is None]
+        heads = [self._read_head(rel) for rel in layout.ROOT_PAGES]
+        missing = [rel for rel, head in zip(layout.ROOT_PAGES, heads) if head is None]
         for rel in missing:
             yield Problem("root", rel, "missing")
         if missing:
@@ -216,11 +218,19 @@ class Verifier:
         if dirty:
             yield Problem("root", layout.ROOT_JSON, "out of date: a run stopped before rewriting it")
             return
-        m = _ROOT_SERIAL.match(self._read_head(paths[2]) or b"")
+        m = _ROOT_SERIAL.match(heads[2] or b"")
         if m is None:
             yield Problem("root", layout.ROOT_JSON, "unreadable: no meta with _last-serial at its start")
             return
-        with open(paths[0], "rb") as html, open(paths[1], "rb") as v1h, open(paths[2], "rb") as js:
+        streams = [self._open(rel) for rel in layout.ROOT_PAGES]
+        if any(f is None for f in streams):
+            for f in streams:
+                if f is not None:
+                    f.close()
+            yield Problem("root", layout.ROOT_JSON, "went away while being read")
+            return
+        with contextlib.ExitStack() as stack:
+            html, v1h, js = (stack.enter_context(contextlib.closing(f)) for f in streams if f is not None)
             same = [True, True, True]
             for html_chunk, json_chunk in render.iter_root(self.state.root_entries(), serial=int(m.group(1))):
                 for i, (f, chunk) in enumerate(((html, html_chunk), (v1h, html_chunk), (js, json_chunk))):
@@ -233,14 +243,25 @@ class Verifier:
             if not ok:
                 yield Problem("root", rel, "does not list exactly the published projects")
 
-    def _read_head(self, path: str) -> bytes | None:
+    def _open(self, rel: str) -> IO[bytes] | None:
+        """A plain file of the tree, open for reading, or None."""
+        path = os.path.join(self.root, rel)
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 return None
-            with open(path, "rb") as f:
-                return f.read(256)
+            return open(path, "rb")
         except OSError:
             return None
+
+    def _read_head(self, rel: str) -> bytes | None:
+        f = self._open(rel)
+        if f is None:
+            return None
+        with f:
+            try:
+                return f.read(256)
+            except OSError:
+                return None
 
     # -- orphans ----------------------------------------------------------------
     def find_orphans(self) -> Iterator[Problem]:

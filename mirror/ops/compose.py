@@ -23,6 +23,7 @@ from mirror.layout import Layout
 from mirror.metrics import Metrics
 from mirror.publish.state import State
 from mirror.publish.tree import Tree
+from mirror.publish.trees import close_tree, open_tree
 from mirror.sync.cycle import Progress, Syncer
 from mirror.upstream.files import FilePool
 from mirror.upstream.transport import open_client, open_files
@@ -55,6 +56,8 @@ class Mirror:
         when nothing is in flight on the old client."""
         if new.mirror.directory != self.cfg.mirror.directory:
             raise ValueError("a mirror cannot move to another directory")
+        if new.storage != self.cfg.storage:
+            raise ValueError("[storage] cannot change while running")
         if new.upstream != self.cfg.upstream or new.mirror.workers != self.cfg.mirror.workers:
             await self.aclose()
             self.client = open_client(new.upstream, workers=new.mirror.workers, version=__version__)
@@ -71,10 +74,16 @@ class Mirror:
 @asynccontextmanager
 async def open_mirror(cfg: Config, *, metrics: Metrics) -> AsyncIterator[Mirror]:
     layout = cfg.layout
-    tree = Tree.at(layout)
-    removed = await trio.to_thread.run_sync(tree.prepare)
+    tree = open_tree(cfg.storage, layout, metrics=metrics)
+    try:
+        removed = await trio.to_thread.run_sync(tree.prepare)
+    except BaseException:
+        close_tree(tree)
+        raise
     if removed:
         log.info("removed %d temp file(s) left by an interrupted run", removed)
+    if cfg.storage.backend != "filesystem":
+        log.info("publishing into %s", tree.description)
     state = State.open(layout.db)
     try:
         mirror = Mirror(cfg, tree=tree, state=state, metrics=metrics)
@@ -84,3 +93,4 @@ async def open_mirror(cfg: Config, *, metrics: Metrics) -> AsyncIterator[Mirror]
             await mirror.aclose()
     finally:
         state.close()
+        close_tree(tree)

@@ -263,6 +263,8 @@ class Daemon:
             new = await trio.to_thread.run_sync(load_config, self.config_path)
             if new.mirror.directory != old.mirror.directory:
                 raise ConfigError(f"{new.source}: mirror.directory cannot change while running (restart instead)")
+            if new.storage != old.storage:
+                raise ConfigError(f"{new.source}: [storage] cannot change while running (restart instead)")
         except ConfigError as e:
             self.metrics.reloads.labels("error").inc()
             log.error("reload failed, keeping the running config: %s", e)

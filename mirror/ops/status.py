@@ -58,6 +58,7 @@ class Status:
     # From the config, not the state: where requests go, and through what.
     upstream: str = ""
     network: str = ""
+    storage: str = ""  # where the tree is published, when not <directory>/web
 
     @property
     def lag(self) -> int | None:
@@ -173,7 +174,8 @@ def render_text(s: Status, *, now: float) -> str:
         f"  last success {_when(s.last_success, now)}",
         f"  last cycle   {'started ' if s.last_cycle is not None else ''}{_when(s.last_cycle, now)}",
         f"  projects     {s.projects:,} published, {s.pending:,} pending, {len(s.failed):,} failing",
-        f"  tree         {s.tree_files:,} files, {human_bytes(s.tree_bytes)}",
+        f"  tree         {s.tree_files:,} files, {human_bytes(s.tree_bytes)}"
+        + (f" in {s.storage}" if s.storage else ""),
         f"  retirement   {s.pending_retirement:,} file(s) waiting for the grace period",
     ]
     if s.failed:

@@ -29,10 +29,14 @@ from mirror.config import Config
 from mirror.errors import UnsafePath
 from mirror.metrics import Metrics
 from mirror.model import safe_relpath
+from mirror.ops.bucketchecks import BucketVerifier
 from mirror.ops.checks import FILE_KINDS, PAGE_KINDS, Problem, Verifier
 from mirror.ops.compose import open_mirror
+from mirror.layout import Layout
 from mirror.publish.state import State
-from mirror.publish.tree import Tree
+from mirror.publish.tree import FileTree, Tree
+from mirror.publish.s3tree import S3Tree
+from mirror.publish.trees import close_tree, open_tree
 from mirror.sync.cycle import CycleReport
 
 __all__ = ["FILE_KINDS", "PAGE_KINDS", "VerifyReport", "Verifier", "verify", "work_queue"]
@@ -72,11 +76,28 @@ def verify(
     orphans or queue repairs as asked (blocking).  ``exclusive``: the caller
     holds ``state/lock``; it then runs ``work_queue`` when ``needs_repair``."""
     lay = cfg.layout
-    tree = Tree.at(lay)
-    ro = State.open_readonly(lay.db)
+    tree = open_tree(cfg.storage, lay)
+    try:
+        return _verify(tree, lay, out, hash=hash, repair=repair, dry_run=dry_run, orphans=orphans,
+                       exclusive=exclusive, batch=batch)
+    finally:
+        close_tree(tree)
+
+
+def _verify(
+    tree: Tree, lay: Layout, out: TextIO, *, hash: bool, repair: bool, dry_run: bool,
+    orphans: str | None, exclusive: bool, batch: int,
+) -> VerifyReport:
+    v: Verifier
+    if isinstance(tree, S3Tree):
+        tree.check()
+        v = BucketVerifier(tree, State.open_readonly(lay.db), hash=hash, live=not exclusive, batch=batch)
+    else:
+        assert isinstance(tree, FileTree)
+        v = Verifier(tree, State.open_readonly(lay.db), hash=hash, live=not exclusive, batch=batch)
+    ro = v.state
     rw = State.open(lay.db) if repair and not dry_run else None
     report = VerifyReport()
-    v = Verifier(tree, ro, hash=hash, live=not exclusive, batch=batch)
     try:
         # Orphans first: queueing a repair forgets the bad files' rows, which
         # would make them look orphaned.

@@ -14,9 +14,10 @@ worker thread (one hop) and:
   and streams them into temp files in ``state/tmp/``, so memory stays flat
   whatever the number of projects;
 * writes the HTML once: ``index.v1_html`` is a hard link to the same temp;
-* fsyncs every temp before the first rename, then hands each to
-  ``Tree.commit_file``, so a full disk leaves the old root in place and a
-  reader always sees a complete root.
+* hands the temps to ``Tree.commit_files``, which makes each durable before
+  the first one is published (fsync then rename on disk, one PUT each in a
+  bucket), so a full disk leaves the old root in place and a reader always
+  sees a complete root.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 from pathlib import Path
 
 from mirror.errors import DiskError
-from mirror.layout import ROOT_PAGES
+from mirror.layout import ROOT_JSON, ROOT_PAGES
 from mirror.publish import render
 from mirror.publish.state import State
 from mirror.publish.tree import Tree
@@ -46,9 +47,6 @@ def write_root(tree: Tree, db_path: Path, serial: int, *, html: bool = True) -> 
                 if html:
                     h.write(html_chunk)
                 j.write(js)
-            for f in (h, j):
-                f.flush()
-                os.fsync(f.fileno())
         os.link(html_tmp, link_tmp)
     except OSError as e:
         for tmp in temps:
@@ -56,13 +54,11 @@ def write_root(tree: Tree, db_path: Path, serial: int, *, html: bool = True) -> 
         raise DiskError.of(e, "writing the root index") from None
     finally:
         reader.close()
-    try:
-        for tmp, rel in zip(temps, ROOT_PAGES):
-            if html or rel.endswith("v1_json"):
-                tree.commit_file(tmp, rel)
-            else:
-                tree.discard(tmp)
-    except DiskError:
-        for tmp in temps:
+    chosen = [(tmp, rel) for tmp, rel in zip(temps, ROOT_PAGES) if html or rel == ROOT_JSON]
+    for tmp in temps:
+        if all(tmp != t for t, _ in chosen):
             tree.discard(tmp)
-        raise
+    try:
+        tree.commit_files(chosen)
+    finally:
+        tree.discard_all(chosen)  # committed temps are gone already; this only cleans up after an error

@@ -62,6 +62,7 @@ import hashlib
 import logging
 import os
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,44 +110,32 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
-class Tree:
-    """The filesystem tree rooted at ``web`` (a ``Layout``'s ``web/``, or a
-    secondary's DEST), with its temp files in ``tmp`` on the same filesystem."""
+class Tree(ABC):
+    """The published tree's contract, whatever holds it.
 
-    def __init__(self, web: Path, tmp: Path) -> None:
-        self.web = web
+    Paths are web-relative (``simple/<name>/index.html``, ``packages/..``)
+    and untrusted: every implementation validates them again.  Temp files
+    are always local, in ``tmp`` (``state/tmp``): downloads and page bytes
+    are written there, and a tree *places* a complete, verified temp at its
+    path.  The guarantees every implementation gives:
+
+    * ``place`` and ``place_all`` publish each object whole or not at all
+      (a rename, a PUT); it may only be linked after the next ``barrier``
+      returns, which makes everything placed so far durable;
+    * ``commit_file`` and ``write_files`` are durable when they return;
+    * ``remove`` deletes (retirement calls it after the grace period only);
+    * ``existing`` and ``adopt`` look for objects a killed run left in
+      place, so that a resumed run does not fetch them again.
+
+    ``FileTree`` (this module) is the filesystem; ``mirror.publish.s3tree``
+    is object storage.  Every method blocks: callers run each one in a
+    worker thread."""
+
+    def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        # web-relative directories checked to be plain directories ("" = web).
-        # Shared by worker threads: set.add and membership are atomic.
-        self._safe_dirs: set[str] = set()
         self.barriers = 0  # how many barrier() calls completed (for tests and stats)
 
-    @classmethod
-    def at(cls, layout: Layout | PullLayout) -> Tree:
-        return cls(layout.web, layout.tmp)
-
-    def forget_dirs(self) -> None:
-        """Check every directory again from now on (a cycle's start: an
-        operator may have changed the tree between cycles)."""
-        self._safe_dirs = set()
-
-    def prepare(self) -> int:
-        """Create the layout and remove temp files a killed run left behind."""
-        try:
-            self.web.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir(parents=True, exist_ok=True)
-            removed = 0
-            for entry in os.scandir(self.tmp):
-                if entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                    os.unlink(entry.path)
-                    removed += 1
-            if os.stat(self.web).st_dev != os.stat(self.tmp).st_dev:
-                raise DiskError(f"{self.web} and {self.tmp} are on different filesystems; rename would not be atomic")
-        except OSError as e:
-            raise DiskError.of(e, f"preparing {self.web}") from None
-        return removed
-
-    # -- temp files ---------------------------------------------------------
+    # -- local temps (shared by every implementation) -----------------------
     def new_temp(self, suffix: str = "") -> Path:
         return self.tmp / new_temp_name(suffix)
 
@@ -161,6 +150,154 @@ class Tree:
     def discard_all(self, temps: Iterable[tuple[Path, str]]) -> None:
         for tmp, _ in temps:
             self.discard(tmp)
+
+    def sweep_temps(self) -> int:
+        """Create ``tmp`` and remove the temp files a killed run left there."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    @contextmanager
+    def _or_discard(self, temps: Sequence[tuple[Path, str]], what: str) -> Iterator[None]:
+        """On any failure the temps go (those already placed are gone
+        anyway), and an OS error is a ``DiskError`` saying ``what`` failed."""
+        try:
+            yield
+        except UnsafePath:
+            self.discard_all(temps)
+            raise
+        except OSError as e:
+            self.discard_all(temps)
+            raise DiskError.of(e, what) from None
+
+    def write_temps(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[Path, str]]:
+        """Each ``(rel, bytes)`` into a temp of its own (no fsync: a barrier
+        follows); ``(temp, rel)`` pairs for ``place_all``.  An item whose
+        bytes are the very object of an earlier item's (a project's
+        ``index.html`` and ``index.v1_html``) becomes a hard link to that
+        temp: one write fewer per page."""
+        temps: list[tuple[Path, str]] = []
+        written: dict[int, Path] = {}
+        with self._or_discard(temps, f"writing {items[0][0] if items else 'pages'}"):
+            for rel, data in items:
+                safe_relpath(rel)
+                tmp = self.new_temp()
+                temps.append((tmp, rel))  # before writing: a full disk fails mid-write
+                same = written.get(id(data))
+                if same is not None:
+                    try:
+                        os.link(same, tmp)
+                        continue
+                    except OSError:
+                        pass  # no hard links here (or too many): write a copy
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                written[id(data)] = tmp
+        return temps
+
+    def place_all(self, temps: Sequence[tuple[Path, str]]) -> None:
+        """``place`` every temp of ``write_temps``, in order; on an error the
+        rest are discarded (the ones placed stay: each is complete)."""
+        for i, (tmp, rel) in enumerate(temps):
+            try:
+                self.place(tmp, rel)
+            except BaseException:
+                self.discard_all(temps[i + 1:])
+                raise
+
+    def write_files(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Durably replace each ``rel`` with its bytes, for the few files a
+        cycle writes one at a time (every temp is written before the first
+        one is committed, so a full disk leaves the old files untouched)."""
+        self.commit_files(self.write_temps(items))
+
+    # -- what each implementation provides ---------------------------------------
+    @abstractmethod
+    def prepare(self) -> int:
+        """Check the tree can be written, create what it needs, and clean up
+        after a killed run (temps, unfinished uploads); the number of temp
+        files removed."""
+
+    def forget_dirs(self) -> None:
+        """Drop any cached knowledge of the tree (a cycle's start: an
+        operator may have changed it between cycles)."""
+
+    @abstractmethod
+    def place(self, tmp: Path, rel: str, sha256: str | None = None) -> None:
+        """Publish a complete, verified temp at ``rel`` (the temp is gone
+        afterwards); durable only once a later ``barrier`` returns.
+        ``sha256``: the temp's digest when the caller knows it."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Everything placed so far is durable when this returns."""
+
+    @abstractmethod
+    def commit_files(self, temps: Sequence[tuple[Path, str]]) -> None:
+        """Publish complete temps, in order, durably before returning; on an
+        error the temps not committed are discarded."""
+
+    def commit_file(self, tmp: Path, rel: str) -> None:
+        self.commit_files([(tmp, rel)])
+
+    @abstractmethod
+    def existing(self, rels: Iterable[str]) -> set[str]:
+        """Which of ``rels`` are already in the tree."""
+
+    @abstractmethod
+    def adopt(self, rel: str, size: int | None, sha256: str) -> int | None:
+        """If ``rel`` already holds the right bytes, its size."""
+
+    @abstractmethod
+    def read(self, rel: str) -> bytes | None:
+        """The object at ``rel``, or None if there is none."""
+
+    @abstractmethod
+    def remove(self, rels: Iterable[str], *, prune: bool = True) -> list[str]:
+        """Delete these paths; the ones that were deleted."""
+
+    @property
+    def description(self) -> str:
+        """Where the tree is, for logs and ``mirror status``."""
+        return str(self.tmp)
+
+
+class FileTree(Tree):
+    """The filesystem tree rooted at ``web`` (a ``Layout``'s ``web/``, or a
+    secondary's DEST), with its temp files in ``tmp`` on the same filesystem."""
+
+    def __init__(self, web: Path, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.web = web
+        # web-relative directories checked to be plain directories ("" = web).
+        # Shared by worker threads: set.add and membership are atomic.
+        self._safe_dirs: set[str] = set()
+
+    @classmethod
+    def at(cls, layout: Layout | PullLayout) -> FileTree:
+        return cls(layout.web, layout.tmp)
+
+    @property
+    def description(self) -> str:
+        return str(self.web)
+
+    def forget_dirs(self) -> None:
+        self._safe_dirs = set()
+
+    def prepare(self) -> int:
+        """Create the layout and remove temp files a killed run left behind."""
+        try:
+            self.web.mkdir(parents=True, exist_ok=True)
+            removed = self.sweep_temps()
+            if os.stat(self.web).st_dev != os.stat(self.tmp).st_dev:
+                raise DiskError(f"{self.web} and {self.tmp} are on different filesystems; rename would not be atomic")
+        except OSError as e:
+            raise DiskError.of(e, f"preparing {self.web}") from None
+        return removed
 
     # -- paths ------------------------------------------------------------
     def path(self, rel: str) -> Path:
@@ -229,59 +366,11 @@ class Tree:
         return cur
 
     # -- batched durability ------------------------------------------------------
-    @contextmanager
-    def _or_discard(self, temps: Sequence[tuple[Path, str]], what: str) -> Iterator[None]:
-        """On any failure the temps go (those already renamed are gone
-        anyway), and an OS error is a ``DiskError`` saying ``what`` failed."""
-        try:
-            yield
-        except UnsafePath:
-            self.discard_all(temps)
-            raise
-        except OSError as e:
-            self.discard_all(temps)
-            raise DiskError.of(e, what) from None
-
-    def place(self, tmp: Path, rel: str) -> None:
+    def place(self, tmp: Path, rel: str, sha256: str | None = None) -> None:
         """Rename a complete, verified temp into ``rel``; durable only once a
         later ``barrier`` returns (nothing may link it before that)."""
         with self._or_discard([(tmp, rel)], f"publishing {rel}"):
             self._replace(tmp, rel, durable=False)
-
-    def write_temps(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[Path, str]]:
-        """Each ``(rel, bytes)`` into a temp of its own (no fsync: a barrier
-        follows); ``(temp, rel)`` pairs for ``place_all``.  An item whose
-        bytes are the very object of an earlier item's (a project's
-        ``index.html`` and ``index.v1_html``) becomes a hard link to that
-        temp: one write fewer per page."""
-        temps: list[tuple[Path, str]] = []
-        written: dict[int, Path] = {}
-        with self._or_discard(temps, f"writing {items[0][0] if items else 'pages'}"):
-            for rel, data in items:
-                safe_relpath(rel)
-                tmp = self.new_temp()
-                temps.append((tmp, rel))  # before writing: a full disk fails mid-write
-                same = written.get(id(data))
-                if same is not None:
-                    try:
-                        os.link(same, tmp)
-                        continue
-                    except OSError:
-                        pass  # no hard links here (or too many): write a copy
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                written[id(data)] = tmp
-        return temps
-
-    def place_all(self, temps: Sequence[tuple[Path, str]]) -> None:
-        """``place`` every temp of ``write_temps``, in order; on an error the
-        rest are discarded (the ones placed stay: each is complete)."""
-        for i, (tmp, rel) in enumerate(temps):
-            try:
-                self.place(tmp, rel)
-            except BaseException:
-                self.discard_all(temps[i + 1:])
-                raise
 
     def barrier(self) -> None:
         """Everything written, placed or created in this tree so far is durable
@@ -293,25 +382,16 @@ class Tree:
         self.barriers += 1
 
     # -- one at a time ------------------------------------------------------------
-    def commit_file(self, tmp: Path, rel: str) -> None:
-        """Rename a complete, fsynced temp into ``rel`` and fsync its directory."""
-        with self._or_discard([(tmp, rel)], f"publishing {rel}"):
-            _fsync_dir(self._replace(tmp, rel, durable=True).parent)
-
-    def write_files(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Durably replace each ``rel`` with its bytes (temp, fsync, rename,
-        directory fsync), for the few files a cycle writes one at a time.
-
-        All temps are written and fsynced before the first rename, so a full
-        disk leaves the old files untouched."""
-        temps = self.write_temps(items)
-        with self._or_discard(temps, f"writing {items[0][0] if items else 'pages'}"):
+    def commit_files(self, temps: Sequence[tuple[Path, str]]) -> None:
+        """Fsync every temp (a hard link's inode once), then rename each into
+        place and fsync the directories whose entries changed."""
+        with self._or_discard(temps, f"writing {temps[0][1] if temps else 'pages'}"):
             fsynced: set[int] = set()
             for tmp, _ in temps:
                 fd = os.open(tmp, os.O_RDONLY)
                 try:
                     st = os.fstat(fd)
-                    if st.st_ino not in fsynced:  # a hard link's inode once
+                    if st.st_ino not in fsynced:
                         os.fsync(fd)
                         fsynced.add(st.st_ino)
                 finally:

@@ -159,12 +159,13 @@ def _stage(tree: Tree, batch: list[Publication]) -> tuple[dict[str, str], list[t
     done = 0
     try:
         for i, item in enumerate(batch):
+            digests = {rel: sha for rel, _, sha in item.files}
             for tmp, rel in item.temps:
                 if item.name in unsafe:
                     tree.discard(tmp)
                     continue
                 try:
-                    tree.place(tmp, rel)
+                    tree.place(tmp, rel, digests.get(rel))
                 except UnsafePath as e:
                     # e.g. a directory on the path is a symlink: refuse the project.
                     log.warning("%s: refused to write %s: %s", item.name, rel, e)

@@ -34,6 +34,10 @@ from typing import Any
 from tests.harness.e2e import free_port, stop_process, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent.parent
+JSON = "application/vnd.pypi.simple.v1+json"
+V1_HTML = "application/vnd.pypi.simple.v1+html"
+# What pip and uv send (pip's exact header).
+CLIENT_ACCEPT = f"{JSON}, {V1_HTML}; q=0.1, text/html; q=0.01"
 SITE_CONF = REPO / "conf" / "nginx.conf"
 SHIPPED_ROOT = "root /srv/pypi/web;"
 _ACCESS_LOG = re.compile(r"^(\s*access_log\s+)(\S+)(\s+pypi_mirror;)\s*$", re.M)
@@ -46,10 +50,12 @@ def nginx_binary() -> str | None:
     )
 
 
-def site_for_test(text: str, *, web: Path, port: int, access_log: Path) -> str:
-    """The shipped site with root, listen and access_log pointed at the test."""
-    assert text.count(SHIPPED_ROOT) == 1, f"{SITE_CONF}: expected one '{SHIPPED_ROOT}'"
-    text = text.replace(SHIPPED_ROOT, f"root {web};")
+def site_for_test(text: str, *, web: Path | None, port: int, access_log: Path) -> str:
+    """The shipped site with root (``web=None``: a site without one), listen
+    and access_log pointed at the test."""
+    if web is not None:
+        assert text.count(SHIPPED_ROOT) == 1, f"{SITE_CONF}: expected one '{SHIPPED_ROOT}'"
+        text = text.replace(SHIPPED_ROOT, f"root {web};")
     assert len(_ACCESS_LOG.findall(text)) == 1, f"{SITE_CONF}: expected one 'access_log ... pypi_mirror;'"
     text = _ACCESS_LOG.sub(lambda m: f"{m[1]}{access_log}{m[3]}", text)
     listens = _LISTEN.findall(text)
@@ -131,13 +137,18 @@ class Nginx:
 
 
 @contextmanager
-def run_nginx(web: Path, prefix: Path, *, site_conf: Path = SITE_CONF) -> Iterator[Nginx]:
-    """nginx serving ``web`` with the shipped site config, on 127.0.0.1."""
+def run_nginx(web: Path | None, prefix: Path, *, site_conf: Path = SITE_CONF,
+              rewrite: dict[str, str] | None = None) -> Iterator[Nginx]:
+    """nginx serving ``web`` with the shipped site config, on 127.0.0.1.
+    ``rewrite``: more exact lines to replace (each must occur once)."""
     binary = nginx_binary()
     assert binary is not None, "nginx not installed"
     prefix.mkdir(parents=True, exist_ok=True)
     access_log = prefix / "access.log"
     shipped = site_conf.read_text()
+    for old, new in (rewrite or {}).items():
+        assert shipped.count(old) == 1, f"{site_conf}: expected one {old!r}"
+        shipped = shipped.replace(old, new)
     for _attempt in range(3):
         port = free_port()
         site = prefix / "site.conf"
