@@ -180,7 +180,21 @@ def test_wrong_credentials_are_one_clear_line(tmp_path: Path) -> None:
         # The right key works ...
         cfg = s3_config(up, tmp_path, server, bucket)
         assert sync(cfg).failed == {}
-        # ... a wrong secret does not.
+        # ... so does the standard AWS chain (here: the environment), with no key in the config ...
+        chain = server.storage(tmp_path, bucket)
+        for k in ("access_key_id", "secret_access_key_file"):
+            del chain["s3"][k]
+        path = write_config(tmp_path / "chain.toml", up.url, tmp_path / "m3", storage=chain)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        r = subprocess.run([sys.executable, "-m", "mirror", "sync", "--config", str(path)], capture_output=True,
+                           text=True, timeout=60, env={**env, "AWS_ACCESS_KEY_ID": server.access_key,
+                                                       "AWS_SECRET_ACCESS_KEY": server.secret_key})
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([sys.executable, "-m", "mirror", "sync", "--config", str(path)], capture_output=True,
+                           text=True, timeout=60, env={**env, "AWS_ACCESS_KEY_ID": server.access_key,
+                                                       "AWS_SECRET_ACCESS_KEY": "wrong"})
+        assert r.returncode == 2 and "access denied" in r.stderr, r.stderr
+        # ... a wrong secret in the secret file does not.
         path = write_config(tmp_path / "mirror.toml", up.url, tmp_path / "m2",
                             storage=server.storage(tmp_path, bucket, secret_key="not-the-secret"))
         r = subprocess.run([sys.executable, "-m", "mirror", "sync", "--config", str(path)],
