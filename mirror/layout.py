@@ -27,6 +27,7 @@ Pure: path arithmetic only, no I/O.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 from dataclasses import dataclass
@@ -166,8 +167,14 @@ class Layout:
         return self.tmp / new_temp_name(suffix)
 
     def is_temp(self, path: Path) -> bool:
-        """Is ``path`` a temp file name this layout hands out (and nothing else)?"""
-        return path.parent == self.tmp and path.name.endswith(TEMP_SUFFIX)
+        """Is ``path`` a temp file name this layout hands out (and nothing else)?
+        (Compared as strings: a first sync asks once per file.)"""
+        head, _, name = str(path).rpartition("/")
+        return head == self._tmp_str and name.endswith(TEMP_SUFFIX)
+
+    @functools.cached_property
+    def _tmp_str(self) -> str:
+        return str(self.tmp)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ from mirror.model import safe_relpath
 log = logging.getLogger(__name__)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -273,6 +273,7 @@ class FileTree(Tree):
     def __init__(self, web: Path, tmp: Path) -> None:
         super().__init__(tmp)
         self.web = web
+        self._root = str(web)
         # web-relative directories checked to be plain directories ("" = web).
         # Shared by worker threads: set.add and membership are atomic.
         self._safe_dirs: set[str] = set()
@@ -303,14 +304,16 @@ class FileTree(Tree):
     def path(self, rel: str) -> Path:
         return self.web / safe_relpath(rel)
 
-    def _ensure_parent(self, rel: str, *, durable: bool) -> Path:
-        """Create the parents of ``rel`` under web/, refusing symlinks.
+    def _ensure_parent(self, rel: str, *, durable: bool) -> str:
+        """Create the parents of ``rel`` under web/, refusing symlinks; the
+        destination path (a plain string: this runs once per file, and
+        pathlib parses every component again on every join).
 
         ``durable``: each new directory's entry is fsynced in its parent now;
         otherwise the next ``barrier`` covers it."""
         safe = safe_relpath(rel)
         parent, _, _ = safe.rpartition("/")
-        dest = self.web / safe
+        dest = f"{self._root}/{safe}"
         if parent and parent not in self._safe_dirs:
             parts = parent.split("/")
             # Start below the deepest directory already known to be safe:
@@ -319,21 +322,21 @@ class FileTree(Tree):
             start = len(parts) - 1
             while start > 0 and "/".join(parts[:start]) not in self._safe_dirs:
                 start -= 1
-            cur = self.web.joinpath(*parts[:start])
             for i in range(start, len(parts)):
-                cur = cur / parts[i]
+                sub = "/".join(parts[:i + 1])
+                cur = f"{self._root}/{sub}"
                 try:
                     os.mkdir(cur)
                     if durable:
-                        _fsync_dir(cur.parent)
+                        _fsync_dir(os.path.dirname(cur))
                 except FileExistsError:
                     st = os.lstat(cur)
                     if not stat.S_ISDIR(st.st_mode):
                         raise UnsafePath(f"{cur} exists and is not a plain directory") from None
-                self._safe_dirs.add("/".join(parts[:i + 1]))
+                self._safe_dirs.add(sub)
         return dest
 
-    def _replace(self, tmp: Path, rel: str, *, durable: bool) -> Path:
+    def _replace(self, tmp: Path, rel: str, *, durable: bool) -> str:
         """``os.replace`` into ``rel``, creating its parents."""
         dest = self._ensure_parent(rel, durable=durable)
         try:
@@ -396,9 +399,9 @@ class FileTree(Tree):
                         fsynced.add(st.st_ino)
                 finally:
                     os.close(fd)
-            dirs: dict[Path, None] = {}
+            dirs: dict[str, None] = {}
             for tmp, rel in temps:
-                dirs[self._replace(tmp, rel, durable=True).parent] = None
+                dirs[os.path.dirname(self._replace(tmp, rel, durable=True))] = None
             for d in dirs:
                 _fsync_dir(d)
 
@@ -410,7 +413,7 @@ class FileTree(Tree):
         found = set()
         for rel in rels:
             try:
-                if stat.S_ISREG(os.lstat(self.web / rel).st_mode):
+                if stat.S_ISREG(os.lstat(f"{self._root}/{rel}").st_mode):
                     found.add(rel)
             except OSError:
                 pass
