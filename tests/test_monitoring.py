@@ -127,11 +127,12 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_rules() -> None:
     r = _promtool("check", "rules", str(ALERTS))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 7 rules found" in r.stdout
+    assert "SUCCESS: 9 rules found" in r.stdout
     names = {w for w, _ in alert_queries()}
     assert {"alert MirrorStale", "alert MirrorSyncFailing", "alert MirrorHashMismatches",
-            "alert MirrorDiskErrors", "alert MirrorRetirementBlocked"} <= names
-    assert len(alert_queries()) == 7
+            "alert MirrorDiskErrors", "alert MirrorRetirementBlocked", "alert MirrorUploadErrors",
+            "alert MirrorUploadCorruption"} <= names
+    assert len(alert_queries()) == 9
 
 
 @needs_promtool

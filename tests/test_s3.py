@@ -332,3 +332,50 @@ def test_verify_compares_listing_and_checksums_and_repairs(moto: S3Server, tmp_p
         assert "orphan\tpackages/zz/orphan.whl" in r.stdout, r.stdout + r.stderr
         assert "packages/zz/orphan.whl" not in objects(client, bucket)
         consistent(moto, bucket, tmp_path)
+
+
+async def test_the_daemon_keeps_a_bucket_current_and_refuses_to_move_it(
+    moto: S3Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from mirror.config import load_config
+    from mirror.ops.daemon import Daemon
+
+    caplog.set_level(logging.INFO)
+    bucket = new_bucket(moto)
+    with FakePyPI(seed=7) as up:
+        up.add_release("alpha", "1.0")
+        storage = moto.storage(tmp_path, bucket)
+        conf = write_config(tmp_path / "mirror.toml", up.url, tmp_path / "m", storage=storage,
+                            daemon={"poll_interval": 0.2}, metrics={"listen": ""})
+        metrics = Metrics()
+        daemon = Daemon(load_config(conf), config_path=conf, metrics=metrics, handle_signals=False)
+        client = moto.client()
+
+        async def until(pred: Any, what: str) -> None:
+            with trio.fail_after(30):
+                while not pred():
+                    await trio.sleep(0.05)
+
+        def page(name: str) -> bytes | None:
+            try:
+                return bytes(client.get_object(Bucket=bucket, Key=f"web/simple/{name}/index.v1_json")["Body"].read())
+            except client.exceptions.NoSuchKey:
+                return None
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            await until(lambda: page("alpha") is not None, "first cycle")
+            up.add_release("beta", "1.0")
+            await until(lambda: page("beta") is not None, "the next cycle")
+            assert metrics.uploads._value.get() > 0
+            # Another bucket prefix is another tree: refused while running.
+            write_config(conf, up.url, tmp_path / "m", storage=moto.storage(tmp_path, bucket, prefix="elsewhere"),
+                         daemon={"poll_interval": 0.2}, metrics={"listen": ""})
+            daemon.scheduler.request_reload()
+            await until(lambda: (metrics.registry.get_sample_value("mirror_config_reloads_total",
+                                                                   {"outcome": "error"}) or 0) == 1, "refused")
+            assert "[storage] cannot change while running" in caplog.text
+            daemon.request_stop("test")
+    consistent(moto, bucket, tmp_path)
