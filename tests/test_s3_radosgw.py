@@ -10,6 +10,7 @@ secret.  Without the Ceph packages the module is skipped, and
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -164,3 +165,66 @@ def test_wrong_credentials_and_a_missing_bucket_on_radosgw(rgw: S3Server, tmp_pa
         assert r.returncode == 2
         line = one_line(r.stderr)
         assert "s3://mirror-rgw-nope/web" in line and "does not exist" in line
+
+
+class _Flipping(io.BytesIO):
+    """A file whose last byte flips once the checksum has been read off it
+    (the first ``seek(0)``): bytes that change between verification and the
+    wire, below SigV4 (which signs what it is handed)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.flipped = False
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        at = super().seek(pos, whence)
+        if not self.flipped and pos == 0 and whence == 0:
+            self.flipped = True
+            view = self.getbuffer()
+            view[-1] ^= 0x01
+            del view
+        return at
+
+
+def test_content_md5_is_what_refuses_bytes_changed_before_signing(
+    rgw: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over plain http botocore signs the body's sha256, so a proxy's flipped
+    byte is caught by the signature alone.  Bytes that change before boto3
+    signs them (memory, a bad read) carry a valid signature: only the
+    checksum taken from the verified temp refuses them."""
+    from mirror.publish import s3tree
+
+    bucket = rgw.make_bucket("mirror-rgw-md5")
+    client = rgw.client()
+    real_open = open
+    left = {"n": 0}
+
+    def flipping_open(path: object, mode: str = "r", *args: object, **kw: object) -> object:
+        f = real_open(path, mode, *args, **kw)  # type: ignore[call-overload]
+        if "b" in mode and left["n"] > 0 and target["rel"] and str(path).endswith(".part"):
+            if target["size"] == os.path.getsize(str(path)):
+                left["n"] -= 1
+                with f:
+                    return _Flipping(f.read())
+        return f
+
+    target: dict[str, object] = {"rel": "", "size": -1}
+    monkeypatch.setattr(s3tree, "open", flipping_open, raising=False)
+    with FakePyPI(seed=14) as up:
+        up.add_release("alpha", "1.0")
+        wheel = next(f for f in up.filenames("alpha") if f.endswith(".whl"))
+        rel = up.file_path("alpha", wheel).lstrip("/")
+        target.update(rel=rel, size=len(up.file_content("alpha", wheel)))
+        left["n"] = 1
+        metrics = Metrics()
+        cfg = make_config(up.url, tmp_path / "m", storage=rgw.storage(tmp_path, bucket))  # checksum = "md5"
+        assert trio.run(lambda: cli.run_sync(cfg, metrics=metrics)).failed == {}
+        assert left["n"] == 0, "the flip happened"
+        assert metrics.upload_errors.labels("checksum")._value.get() == 1
+        # BadDigest: the Content-MD5 refused them (the signature was valid for the changed bytes).
+        assert f"{rel}: the server refused the bytes (HTTP 400 BadDigest" in caplog.text, caplog.text
+        body = client.get_object(Bucket=bucket, Key=f"web/{rel}")["Body"].read()
+        assert body == up.file_content("alpha", wheel)
+        assert check_tree(bucket_snapshot(client, bucket, tmp_path / "snap")) == []
+

@@ -363,8 +363,8 @@ class S3Tree(Tree):
                     reason = reason_of(e)
                     m.upload_errors.labels(reason).inc()
                     if reason == "checksum" and attempt < CHECKSUM_ATTEMPTS:
-                        log.warning("%s: the server refused the upload's checksum (corrupted in transit?); "
-                                    "sending it again", rel)
+                        log.warning("%s: the server refused the bytes (%s: corrupted on the way?); "
+                                    "sending them again", rel, _describe(e))
                         continue
                     raise self._error(e, f"uploading {rel}") from None
         finally:
