@@ -43,10 +43,6 @@ class Served:
     files: dict[str, tuple[str, bytes]]  # filename -> (sha256, content)
     metadata: dict[str, bytes]  # wheel filename -> core metadata
 
-    @property
-    def index(self) -> str:
-        return f"{self.nginx.url}/simple/"
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
@@ -189,7 +185,7 @@ def pip_venv(served: Served) -> Path:
 
 def test_pip_install_resolves_the_dependency_through_nginx(served: Served, pip_venv: Path) -> None:
     mark = served.nginx.log_mark()
-    r = run([str(pip_venv / "bin/pip"), "install", "--index-url", served.index, "hello-app"], pip_env())
+    r = run([str(pip_venv / "bin/pip"), "install", "--index-url", served.nginx.index, "hello-app"], pip_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Successfully installed hello-app-1.0 hello-dep-1.0" in r.stdout, r.stdout
     assert _imports(pip_venv / "bin/python") == "1.0 1.0"
@@ -201,7 +197,7 @@ def test_uv_pip_install_resolves_the_dependency_through_nginx(served: Served) ->
     mark = served.nginx.log_mark()
     r = run(
         [uv_binary(), "pip", "install", "--no-cache", "--python", str(venv / "bin/python"),
-         "--index-url", served.index, "hello-app"],
+         "--index-url", served.nginx.index, "hello-app"],
         uv_env(served.tmp / "uv-cache"),
     )
     assert r.returncode == 0, r.stdout + r.stderr
@@ -226,7 +222,7 @@ def test_pip_download_require_hashes(served: Served, pip_venv: Path) -> None:
     pip = str(pip_venv / "bin/pip")
     dest = served.tmp / "downloads"
     req = _requirements(served.tmp / "req.txt", served)
-    args = [pip, "download", "--require-hashes", "--only-binary", ":all:", "--index-url", served.index, "-d"]
+    args = [pip, "download", "--require-hashes", "--only-binary", ":all:", "--index-url", served.nginx.index, "-d"]
     r = run([*args, str(dest), "-r", str(req)], pip_env())
     assert r.returncode == 0, r.stdout + r.stderr
     got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dest.iterdir()}

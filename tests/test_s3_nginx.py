@@ -39,10 +39,6 @@ class Served:
     tmp: Path
     files: dict[str, bytes]
 
-    @property
-    def index(self) -> str:
-        return f"{self.nginx.url}/simple/"
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
@@ -113,12 +109,12 @@ def test_negotiation_headers_and_files_come_from_the_bucket(served: Served) -> N
 
 def test_pip_and_uv_install_through_nginx_from_the_bucket(served: Served) -> None:
     venv = make_venv(served.tmp / "pip-venv")
-    r = run([str(venv / "bin/pip"), "install", "--index-url", served.index, "hello-app"], pip_env())
+    r = run([str(venv / "bin/pip"), "install", "--index-url", served.nginx.index, "hello-app"], pip_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Successfully installed hello-app-1.0 hello-dep-1.0" in r.stdout, r.stdout
     uv_venv = make_venv(served.tmp / "uv-venv", with_pip=False)
     r = run([uv_binary(), "pip", "install", "--no-cache", "--python", str(uv_venv / "bin/python"),
-             "--index-url", served.index, "hello-app"], uv_env(served.tmp / "uv-cache"))
+             "--index-url", served.nginx.index, "hello-app"], uv_env(served.tmp / "uv-cache"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "+ hello-app==1.0" in r.stderr and "+ hello-dep==1.0" in r.stderr, r.stderr
     for python in (venv / "bin/python", uv_venv / "bin/python"):

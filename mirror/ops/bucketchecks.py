@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
 from collections.abc import Iterator
 from typing import IO
 
@@ -33,12 +32,8 @@ from mirror.publish.state import State
 class BucketVerifier(Verifier):
     def __init__(self, tree: S3Tree, state: State, *, hash: bool = False, live: bool = True,
                  batch: int = 1000) -> None:
+        self._setup(state, hash=hash, live=live, batch=batch)
         self.bucket = tree
-        self.state = state
-        self.hash = hash
-        self.live = live
-        self.batch = batch
-        self.stats: Counter[str] = Counter()
 
     # -- files ------------------------------------------------------------------
     def check_files(self) -> Iterator[Problem]:

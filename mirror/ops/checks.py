@@ -80,17 +80,21 @@ class Verifier:
     may be writing at the same time."""
 
     def __init__(self, tree: FileTree, state: State, *, hash: bool = False, live: bool = True, batch: int = 1000) -> None:
+        self._setup(state, hash=hash, live=live, batch=batch)
         self.tree = tree
         self.web = tree.web
         # Plain strings on the hot paths: pathlib parses (and interns) every
         # component of every path, which costs time and memory per file.
         self.root = str(tree.web)
+        self._dirs: dict[str, bool] = {}
+
+    def _setup(self, state: State, *, hash: bool, live: bool, batch: int) -> None:
+        """What every verifier has, whatever holds the tree."""
         self.state = state
         self.hash = hash
         self.live = live
         self.batch = batch
         self.stats: Counter[str] = Counter()
-        self._dirs: dict[str, bool] = {}
 
     # -- files ------------------------------------------------------------------
     def check_files(self) -> Iterator[Problem]:

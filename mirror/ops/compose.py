@@ -23,7 +23,7 @@ from mirror.layout import Layout
 from mirror.metrics import Metrics
 from mirror.publish.state import State
 from mirror.publish.tree import Tree
-from mirror.publish.trees import close_tree, open_tree
+from mirror.publish.trees import open_tree
 from mirror.sync.cycle import Progress, Syncer
 from mirror.upstream.files import FilePool
 from mirror.upstream.transport import open_client, open_files
@@ -78,12 +78,11 @@ async def open_mirror(cfg: Config, *, metrics: Metrics) -> AsyncIterator[Mirror]
     try:
         removed = await trio.to_thread.run_sync(tree.prepare)
     except BaseException:
-        close_tree(tree)
+        tree.close()
         raise
     if removed:
         log.info("removed %d temp file(s) left by an interrupted run", removed)
-    if cfg.storage.backend != "filesystem":
-        log.info("publishing into %s", tree.description)
+    log.info("publishing into %s", tree.description)
     state = State.open(layout.db)
     try:
         mirror = Mirror(cfg, tree=tree, state=state, metrics=metrics)
@@ -93,4 +92,4 @@ async def open_mirror(cfg: Config, *, metrics: Metrics) -> AsyncIterator[Mirror]
             await mirror.aclose()
     finally:
         state.close()
-        close_tree(tree)
+        tree.close()

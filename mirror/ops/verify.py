@@ -36,7 +36,7 @@ from mirror.layout import Layout
 from mirror.publish.state import State
 from mirror.publish.tree import FileTree, Tree
 from mirror.publish.s3tree import S3Tree
-from mirror.publish.trees import close_tree, open_tree
+from mirror.publish.trees import open_tree
 from mirror.sync.cycle import CycleReport
 
 __all__ = ["FILE_KINDS", "PAGE_KINDS", "VerifyReport", "Verifier", "verify", "work_queue"]
@@ -81,16 +81,16 @@ def verify(
         return _verify(tree, lay, out, hash=hash, repair=repair, dry_run=dry_run, orphans=orphans,
                        exclusive=exclusive, batch=batch)
     finally:
-        close_tree(tree)
+        tree.close()
 
 
 def _verify(
     tree: Tree, lay: Layout, out: TextIO, *, hash: bool, repair: bool, dry_run: bool,
     orphans: str | None, exclusive: bool, batch: int,
 ) -> VerifyReport:
+    tree.check()
     v: Verifier
     if isinstance(tree, S3Tree):
-        tree.check()
         v = BucketVerifier(tree, State.open_readonly(lay.db), hash=hash, live=not exclusive, batch=batch)
     else:
         assert isinstance(tree, FileTree)

@@ -54,11 +54,10 @@ def write_root(tree: Tree, db_path: Path, serial: int, *, html: bool = True) -> 
         raise DiskError.of(e, "writing the root index") from None
     finally:
         reader.close()
-    chosen = [(tmp, rel) for tmp, rel in zip(temps, ROOT_PAGES) if html or rel == ROOT_JSON]
-    for tmp in temps:
-        if all(tmp != t for t, _ in chosen):
+    chosen = []
+    for tmp, rel in zip(temps, ROOT_PAGES):
+        if html or rel == ROOT_JSON:
+            chosen.append((tmp, rel))
+        else:
             tree.discard(tmp)
-    try:
-        tree.commit_files(chosen)
-    finally:
-        tree.discard_all(chosen)  # committed temps are gone already; this only cleans up after an error
+    tree.commit_files(chosen)  # discards the temps itself on an error

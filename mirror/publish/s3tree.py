@@ -224,6 +224,10 @@ class S3Tree(Tree):
     def description(self) -> str:
         return self.cfg.where
 
+    def forget_dirs(self) -> None:
+        """A cycle's start: HEAD answers ``adopt`` did not use go."""
+        self._heads.clear()
+
     def close(self) -> None:
         """Stop the upload threads.  Nothing waits for uploads still queued
         (a stop or an error got here first: nothing links them, and their
@@ -324,7 +328,7 @@ class S3Tree(Tree):
 
     def commit_files(self, temps: Sequence[tuple[Path, str]]) -> None:
         try:
-            for i, (tmp, rel) in enumerate(temps):
+            for tmp, rel in temps:
                 safe_relpath(rel)
                 self._upload_and_discard(tmp, rel, None)
         except BaseException:

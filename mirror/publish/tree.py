@@ -222,6 +222,14 @@ class Tree(ABC):
         after a killed run (temps, unfinished uploads); the number of temp
         files removed."""
 
+    def close(self) -> None:
+        """Release what the tree holds (threads, connections); nothing to do on disk."""
+
+    def check(self) -> None:
+        """Raise a one-line ``ConfigError`` if the tree cannot be used at all
+        (a bucket that is missing or refuses the credentials); cheap, and
+        changes nothing, so ``mirror verify`` calls it beside a running mirror."""
+
     def forget_dirs(self) -> None:
         """Drop any cached knowledge of the tree (a cycle's start: an
         operator may have changed it between cycles)."""

@@ -18,8 +18,3 @@ def open_tree(storage: StorageConfig, layout: Layout, *, metrics: Metrics | None
         return S3Tree(storage.s3, layout.tmp, journal=layout.uploads_journal, metrics=metrics, version=__version__)
     return FileTree.at(layout)
 
-
-def close_tree(tree: Tree) -> None:
-    close = getattr(tree, "close", None)
-    if close is not None:
-        close()

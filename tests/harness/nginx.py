@@ -101,6 +101,11 @@ class Nginx:
     access_log: Path
     proc: subprocess.Popen[bytes]
 
+    @property
+    def index(self) -> str:
+        """The simple index, as pip's ``--index-url``."""
+        return f"{self.url}/simple/"
+
     def log_mark(self) -> int:
         """Number of access log lines so far: pass to ``entries(since=...)``."""
         return len(self._lines())
