@@ -30,6 +30,7 @@ UPLOAD_ERROR_REASONS = ("checksum", "denied", "http_status", "connection", "time
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._by_name: dict[str, Counter] | None = None
         r = self.registry = registry if registry is not None else CollectorRegistry()
         self.upstream_serial = Gauge("mirror_upstream_serial", "Last serial reported by the upstream feed.", registry=r)
         self.synced_serial = Gauge("mirror_synced_serial", "Serial up to which everything is published.", registry=r)
@@ -135,7 +136,10 @@ class Metrics:
 
     # -- counts made in helper processes ---------------------------------------
     def _counters(self) -> dict[str, Counter]:
-        return {next(iter(c.describe())).name: c for c in vars(self).values() if isinstance(c, Counter)}
+        # Built once: a helper process ships its page counts with every page.
+        if self._by_name is None:
+            self._by_name = {next(iter(c.describe())).name: c for c in vars(self).values() if isinstance(c, Counter)}
+        return self._by_name
 
     def counts(self, families: Iterable[str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """The current value of every sample of these counter families."""

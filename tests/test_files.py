@@ -4,9 +4,7 @@ that drops idle connections, redirects, TLS and CONNECT proxies."""
 
 from __future__ import annotations
 
-import functools
 import ssl
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -17,6 +15,7 @@ from mirror.upstream.files import FilePool
 from mirror.upstream.proxy import rules as proxy_rules
 from mirror.upstream.retry import classify
 from tests.harness.fakepypi import FakePyPI
+from tests.harness.rawhttp import read_request, serve
 from tests.harness.reliability import upstream_files
 from tests.harness.tls import make_ca
 
@@ -104,35 +103,6 @@ async def test_a_body_left_unread_closes_its_connection(upstream: FakePyPI) -> N
 
 
 # -- a raw server for what the fake upstream does not do --------------------------------
-
-Handler = Callable[[trio.SocketStream, int], Awaitable[None]]
-
-
-async def read_request(stream: trio.abc.Stream) -> bytes:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            return b""
-        buf += chunk
-    return buf
-
-
-async def serve(nursery: trio.Nursery, handler: Handler) -> int:
-    """A TCP server on 127.0.0.1 whose every connection runs ``handler(stream, n)``
-    (n: the connection's number, from 1)."""
-    count = 0
-
-    async def on_conn(stream: trio.SocketStream) -> None:
-        nonlocal count
-        count += 1
-        try:
-            await handler(stream, count)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, on_conn, 0, host="127.0.0.1"))
-    return int(listeners[0].socket.getsockname()[1])
 
 
 async def test_chunked_and_close_delimited_bodies() -> None:

@@ -283,24 +283,28 @@ class FilePool:
             self._drop(idle.popleft())
 
     # -- requests ------------------------------------------------------------------
-    def _request(self, origin: Origin, target: str) -> h11.Request:
+    def _request(self, origin: Origin, target: str, *, method: bytes = b"GET",
+                 headers: list[tuple[bytes, bytes]] | None = None) -> h11.Request:
+        """A file GET by default; ``headers`` (with ``Host``) come from httpx's
+        request when the pool carries the client's requests (``LeanTransport``)."""
         forward = self._proxy(origin) if origin.scheme == "http" else None
         if forward is not None:
             target = f"http://{origin.authority}{target}"  # absolute form for a forward proxy
-        headers = [
-            (b"Host", origin.authority.encode()),
-            (b"User-Agent", self.user_agent),
-            (b"Accept", b"*/*"),
-            (b"Accept-Encoding", b"identity"),
-            *self._proxy_auth(forward),
-        ]
-        return h11.Request(method=b"GET", target=target.encode(), headers=headers)
+        if headers is None:
+            headers = [
+                (b"Host", origin.authority.encode()),
+                (b"User-Agent", self.user_agent),
+                (b"Accept", b"*/*"),
+                (b"Accept-Encoding", b"identity"),
+            ]
+        return h11.Request(method=method, target=target.encode(), headers=[*headers, *self._proxy_auth(forward)])
 
-    async def _send(self, conn: _Connection, request: h11.Request) -> h11.Response:
-        """Send ``request`` and read the response head."""
+    async def _send(self, conn: _Connection, request: h11.Request, body: bytes = b"") -> h11.Response:
+        """Send ``request`` (and its ``body``) and read the response head."""
+        out = conn.h11.send(request) + (conn.h11.send(h11.Data(data=body)) if body else b"")
         try:
             with trio.fail_after(self.timeout):
-                await conn.stream.send_all(conn.h11.send(request) + conn.h11.send(h11.EndOfMessage()))
+                await conn.stream.send_all(out + conn.h11.send(h11.EndOfMessage()))
         except trio.TooSlowError:
             raise httpx.WriteTimeout(f"sending to {conn.origin.authority} took over {self.timeout:g}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
@@ -314,12 +318,11 @@ class FilePool:
                 raise httpx.RemoteProtocolError("server closed the connection without a response")
             # h11.InformationalResponse (100 Continue and the like): keep reading
 
-    async def _exchange(self, origin: Origin, target: str) -> tuple[_Connection, h11.Response]:
-        request = self._request(origin, target)
+    async def _exchange(self, origin: Origin, request: h11.Request, body: bytes = b"") -> tuple[_Connection, h11.Response]:
         conn = self._checkout(origin)
         if conn is not None:
             try:
-                return conn, await self._send(conn, request)
+                return conn, await self._send(conn, request, body)
             except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
                 # The server closed this idle connection: once more, fresh.
                 await conn.aclose()
@@ -328,7 +331,7 @@ class FilePool:
                 raise
         conn = await self._connect(origin)
         try:
-            return conn, await self._send(conn, request)
+            return conn, await self._send(conn, request, body)
         except BaseException:
             await conn.aclose()
             raise
@@ -337,7 +340,7 @@ class FilePool:
     async def stream(self, url: str) -> AsyncIterator[_Response]:
         for _ in range(self.max_redirects + 1):
             origin, target = _origin(url, allow_http=self.allow_http)
-            conn, head = await self._exchange(origin, target)
+            conn, head = await self._exchange(origin, self._request(origin, target))
             headers = {k.lower(): v for k, v in head.headers}
             location = headers.get(b"location")
             if head.status_code in REDIRECTS and location:
@@ -350,17 +353,73 @@ class FilePool:
             except BaseException:
                 await conn.aclose()
                 raise
-            if response.done and conn.reusable():
-                self._release(conn)
-            else:
-                await conn.aclose()  # a body left unread, or Connection: close
+            await self._finish(conn, done=response.done)
             return
         raise httpx.TooManyRedirects(f"more than {self.max_redirects} redirects from {url[:200]}")
+
+    async def _finish(self, conn: _Connection, *, done: bool) -> None:
+        if done and conn.reusable():
+            self._release(conn)
+        else:
+            await conn.aclose()  # a body left unread, or Connection: close
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
             while idle:
                 await idle.pop().aclose()
+
+
+class _LeanBody(httpx.AsyncByteStream):
+    """A response body read from a pooled connection; closing it hands the
+    connection back (all read, keep-alive) or closes it."""
+
+    def __init__(self, pool: FilePool, conn: _Connection) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.done = False
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while not self.done:
+            event = await self.pool._next_event(self.conn)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.done = True
+            elif isinstance(event, h11.ConnectionClosed):
+                raise httpx.RemoteProtocolError("server closed the connection mid-body")
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.pool._finish(self.conn, done=self.done)
+
+
+class LeanTransport(httpx.AsyncBaseTransport):
+    """The pool under the one ``httpx.AsyncClient`` (feed, pages, root index).
+
+    httpx keeps what it does above the wire: headers, redirects, content
+    decoding, timeouts' configuration; requests go over this pool's
+    connections (and its proxy rules) instead of httpcore's, which spent
+    about 1.5 ms of CPU per page request against 0.3 ms here."""
+
+    def __init__(self, pool: FilePool) -> None:
+        self.pool = pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin, target = _origin(str(url), allow_http=self.pool.allow_http)
+        body = await request.aread()
+        head_request = self.pool._request(origin, target, method=request.method.encode("ascii"),
+                                          headers=list(request.headers.raw))
+        conn, head = await self.pool._exchange(origin, head_request, body)
+        return httpx.Response(
+            head.status_code, headers=list(head.headers), stream=_LeanBody(self.pool, conn),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": bytes(head.reason)},
+        )
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
 
 
 class _HttpxResponse:
