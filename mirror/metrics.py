@@ -17,9 +17,11 @@ from mirror import __version__
 from mirror.errors import DOWNLOAD_REASONS
 
 REJECT_KINDS = ("name", "path", "url", "api_version", "malformed", "oversize")
-# What fetching a project page counts; a helper process ships these home.
-PAGE_COUNTERS = ("mirror_upstream_requests", "mirror_upstream_errors", "mirror_stale_pages",
-                 "mirror_upstream_rejected", "mirror_upstream_throttled")
+# What a helper process counts (pages and files); it ships these home with each answer.
+HELPER_COUNTERS = ("mirror_upstream_requests", "mirror_upstream_errors", "mirror_stale_pages",
+                   "mirror_upstream_rejected", "mirror_upstream_throttled", "mirror_files_downloaded",
+                   "mirror_bytes_downloaded", "mirror_download_errors", "mirror_files_by_source",
+                   "mirror_download_mirror_misses")
 # Why a feed or page request failed (each failed attempt, before retries).
 UPSTREAM_ERROR_REASONS = ("http_status", "connection", "truncated", "timeout", "tls")
 # Why an upload to object storage failed (each failed object, after the

@@ -1,7 +1,7 @@
 """Download helper processes (``[mirror] download_processes``).
 
-A helper does one attempt exactly as the in-process downloader would, and
-never writes anything but temp files; the parent commits.  These tests run
+A helper fetches a batch of files exactly as the in-process downloader
+would, and never writes anything but temp files; the parent commits.  These tests run
 real helper processes against the loopback fake upstream.
 """
 
@@ -21,6 +21,7 @@ import trio
 from bench.driver import child_pids
 from mirror import cli
 from mirror.config import UpstreamConfig, default_download_processes
+from mirror.fetch.attempt import FileJob, Outcome, Verified
 from mirror.fetch.downloader import Downloader
 from mirror.errors import ProjectNotFound, StalePage, DownloadError
 from mirror.fetch.pool import FetchPool, NoWorker
@@ -47,6 +48,14 @@ def _one_file(up: FakePyPI) -> tuple[str, bytes, str]:
     return f"{up.files_url}/{rel}", data, hashlib.sha256(data).hexdigest()
 
 
+async def _fetch(pool: FetchPool, url: str, *, sha256: str, size: int) -> Verified:
+    """One file through a helper: its verified temp, or its error raised."""
+    [outcome] = await pool.fetch_batch([FileJob(url, "packages/x", sha256, size, None)])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
 def _tree(directory: Path) -> Tree:
     tree = FileTree.at(Layout(directory))
     tree.prepare()
@@ -61,22 +70,37 @@ async def test_a_helper_returns_a_verified_fsynced_temp(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     with FakePyPI(seed=1) as up:
         url, data, sha = _one_file(up)
-        async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=2, workers=4, metrics=Metrics()) as pool:
-            tmp, n, digest = await pool.attempt(url, sha256=sha, size=len(data), limit=None)
-            assert (n, digest) == (len(data), sha)
-            assert tmp.parent == tree.tmp and tmp.read_bytes() == data
-            tmp.unlink()
+        metrics = Metrics()
+        async with FetchPool.open(_upcfg(up.url, retries=0), Layout(tmp_path), processes=2, workers=4,
+                                  metrics=metrics) as pool:
+            v = await _fetch(pool, url, sha256=sha, size=len(data))
+            assert (v.size, v.sha256) == (len(data), sha)
+            assert v.tmp.parent == tree.tmp and v.tmp.read_bytes() == data
+            v.tmp.unlink()
             # A wrong promise is the same error the in-process path raises,
             # and leaves no temp behind.
             with pytest.raises(DownloadError) as e:
-                await pool.attempt(url, sha256="0" * 64, size=len(data), limit=None)
+                await _fetch(pool, url, sha256="0" * 64, size=len(data))
             assert e.value.reason == "hash_mismatch"
             with pytest.raises(DownloadError) as e:
-                await pool.attempt(url, sha256=sha, size=len(data) - 1, limit=None)
+                await _fetch(pool, url, sha256=sha, size=len(data) - 1)
             assert e.value.reason == "size_mismatch"
             with pytest.raises(DownloadError) as e:
-                await pool.attempt(f"{up.url}/packages/no/such.whl", sha256=sha, size=1, limit=None)
+                await _fetch(pool, f"{up.url}/packages/no/such.whl", sha256=sha, size=1)
             assert (e.value.reason, e.value.detail) == ("http_status", "HTTP 404")
+            # One batch: every outcome in order, each file counted at home.
+            outcomes = await pool.fetch_batch([FileJob(url, "a", sha, len(data), None),
+                                               FileJob(url, "b", "0" * 64, len(data), None),
+                                               FileJob(url, "c", sha, len(data), None)])
+            assert [type(o).__name__ for o in outcomes] == ["Verified", "HashMismatch",
+                                                            "Verified"]
+            for o in outcomes:
+                if isinstance(o, Verified):
+                    assert o.tmp.read_bytes() == data
+                    o.tmp.unlink()
+            assert metrics.registry.get_sample_value("mirror_files_downloaded_total") == 3
+            assert metrics.registry.get_sample_value("mirror_download_errors_total", {"reason": "hash_mismatch"}) == 2
+            assert metrics.registry.get_sample_value("mirror_upstream_requests_total", {"kind": "file"}) == 7
             pids = [h.proc.pid for h in pool.helpers]
         assert _temps(tmp_path) == []
         # Closing the pool ends every helper.
@@ -119,13 +143,20 @@ async def test_a_cancelled_attempt_leaves_no_temp(tmp_path: Path) -> None:
         url, data, sha = _one_file(up)
         up.add_fault("slow", match="/packages/", delay=2.0)
         async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4, metrics=Metrics()) as pool:
-            with trio.move_on_after(0.5) as scope:
-                await pool.attempt(url, sha256=sha, size=len(data), limit=None)
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    await trio.sleep(0.2)
+                    assert pool.busy()  # what the daemon's stop asks: a batch is in a helper
+
+                nursery.start_soon(watch)
+                with trio.move_on_after(0.5) as scope:
+                    await _fetch(pool, url, sha256=sha, size=len(data))
             assert scope.cancelled_caught
+            assert not pool.busy()
             # The helper dropped that download and still serves the next one.
             up.clear_faults()
-            tmp, n, _ = await pool.attempt(url, sha256=sha, size=len(data), limit=None)
-            tmp.unlink()
+            (await _fetch(pool, url, sha256=sha, size=len(data))).tmp.unlink()
         assert _temps(tmp_path) == []
 
 
@@ -147,12 +178,12 @@ async def test_a_dead_helper_means_downloading_in_process(tmp_path: Path) -> Non
 
                 nursery.start_soon(kill_soon)
                 # In flight in the helper when it dies: done again in-process.
-                v = await dl.fetch(url, sha256=sha, size=len(data))
-            assert v.tmp.read_bytes() == data
+                [v] = await dl.fetch_batch([FileJob(url, "packages/x", sha, len(data), None)])
+            assert isinstance(v, Verified) and v.tmp.read_bytes() == data
             v.tmp.unlink()
             assert not pool.helpers[0].alive
             with pytest.raises(NoWorker):
-                await pool.attempt(url, sha256=sha, size=len(data), limit=None)
+                await _fetch(pool, url, sha256=sha, size=len(data))
             await files.aclose()
         assert _temps(tmp_path) == []
 
@@ -162,15 +193,15 @@ async def test_faults_through_helpers_end_in_a_complete_mirror(kind: str, tmp_pa
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Syncer, "pool_min_projects", 1)
     served = 0
-    attempt = FetchPool.attempt
+    fetch_batch = FetchPool.fetch_batch
 
-    async def counted(self: FetchPool, *a: object, **kw: object) -> tuple[Path, int, str]:
+    async def counted(self: FetchPool, jobs: list[FileJob]) -> list[Outcome]:
         nonlocal served
-        result = await attempt(self, *a, **kw)  # type: ignore[arg-type]
-        served += 1
+        result = await fetch_batch(self, jobs)
+        served += sum(isinstance(o, Verified) for o in result)
         return result
 
-    monkeypatch.setattr(FetchPool, "attempt", counted)
+    monkeypatch.setattr(FetchPool, "fetch_batch", counted)
     with FakePyPI(seed=3) as up:
         populate(up, 8, seed=3)
         expected = upstream_files(up)
@@ -260,7 +291,8 @@ async def test_a_temp_path_outside_state_tmp_is_never_taken_from_a_helper(tmp_pa
     victim.write_bytes(b"x")
     with FakePyPI(seed=1) as up:
         async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4, metrics=Metrics()) as pool:
-            for frame in [("ok", 10**9, str(victim), 1, "0" * 64), ("ok", 10**9, "/etc/passwd", 1, "0" * 64)]:
+            for frame in [("files", 10**9, [("ok", str(victim), 1, "0" * 64)], {}),
+                          ("files", 10**9, [("ok", "/etc/passwd", 1, "0" * 64)], {})]:
                 with pytest.raises(ValueError):
                     pool._answer(pool.helpers[0], frame)
     assert victim.read_bytes() == b"x"

@@ -15,7 +15,7 @@ The body comes from a ``FileSource``: the lean h11 pool
 
 The same function runs in the main process and in the helper processes
 (``mirror.fetch.worker``); retries, backoff and the concurrency limit are
-the caller's (``mirror.fetch.downloader``).
+the caller's (``mirror.fetch.downloader``, which runs in both).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import httpx
 import trio
 
-from mirror.errors import DiskError, DownloadError, HashMismatch, SizeMismatch
+from mirror.errors import DiskError, DownloadError, HashMismatch, SizeMismatch, UnsafeInput
 from mirror.metrics import Metrics
 from mirror.upstream.files import FileSource
 from mirror.upstream.retry import classify, throttle_wait
@@ -48,6 +48,20 @@ class Verified:
     tmp: Path
     size: int
     sha256: str
+
+
+class FileJob(NamedTuple):
+    """One file of a batch: what ``fetch_file`` takes."""
+
+    url: str
+    rel: str
+    sha256: str | None
+    size: int | None
+    limit: int | None
+
+
+# A batch's answer per job: the verified temp, or why there is none.
+Outcome = Verified | DownloadError | UnsafeInput
 
 
 def discard(tmp: Path) -> None:

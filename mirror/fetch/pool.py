@@ -13,17 +13,27 @@ paths, the publish order and the state stays in one process.
 
 A helper also fetches and parses project pages (``Upstream.project_page``,
 with its stale-page and malformed-page retries), which in a first sync cost
-as much CPU as the files: the parent gets the parsed ``ProjectSnapshot``,
-and the counts the helper made on the way (requests, errors, stale and
-refused pages) are added to the parent's metrics.
+as much CPU as the files: the parent gets the parsed ``ProjectSnapshot``.
+
+Files go a project at a time: one ``batch`` frame lists the project's
+files, the helper fetches them all concurrently with the same
+``Downloader`` the main process uses (retries, backoff, download mirror,
+its own limiter), and one frame answers with an outcome per file: a
+verified temp, or the error.  A frame per file each way cost the main
+process more CPU than the rest of a file's work there.
+
+The counts a helper made for an answer (requests, errors, stale and refused
+pages, files and bytes downloaded) travel with it and are added to the
+parent's metrics.
 
 Protocol: length-prefixed pickle frames on the helper's stdin/stdout
 (``send_frame`` and ``FrameReader`` serve both ends).  The first frame is the
-setup.  Then ``("get", id, url, sha256, size, limit)``, ``("page", id, name,
-min_serial)`` and ``("cancel", id)`` go in; ``("ok", id, tmp, size,
-sha256)``, ``("snap", id, snapshot, counts)``, ``("raise", id, error,
-counts)``, ``("error", id, reason, detail, wait)`` and ``("disk", id, message)``
-come out.  A helper exits when its stdin closes,
+setup.  Then ``("batch", id, [FileJob, ...])``, ``("page", id, name,
+min_serial)`` and ``("cancel", id)`` go in; ``("files", id, outcomes,
+counts)`` with an outcome per job (``("ok", tmp, size, sha256)``,
+``("error", DownloadError)`` or ``("unsafe", message)``),
+``("snap", id, snapshot, counts)``, ``("raise", id, error, counts)`` and
+``("disk", id, message)`` come out.  A helper exits when its stdin closes,
 which is also what happens when the parent is killed; it ignores SIGINT
 and SIGTERM so that a stop signal sent to the whole process group lets the
 parent finish its in-flight work as usual.
@@ -37,7 +47,7 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +56,7 @@ from typing import Any
 import trio
 
 from mirror.errors import DiskError, DownloadError, UnsafeInput, UpstreamError
+from mirror.fetch.attempt import FileJob, Outcome, Verified
 from mirror.layout import Layout
 from mirror.metrics import Metrics
 from mirror.model import ProjectSnapshot
@@ -95,7 +106,8 @@ class FrameReader:
 
 @dataclass
 class _Pending:
-    url: str
+    what: str
+    files: bool = False  # a batch of files (``busy``)
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -123,15 +135,16 @@ class FetchPool:
     @asynccontextmanager
     async def open(cls, cfg: UpstreamConfig, layout: Layout, *, processes: int, workers: int,
                    metrics: Metrics) -> AsyncIterator[FetchPool]:
-        """``workers``: the most attempts in flight at once (the caller's
-        limiter), so that no helper's connection pool makes one wait.
-        ``metrics`` receives what the helpers count on pages."""
+        """``workers``: the most downloads in flight at once, shared out
+        between the helpers (each limits its own).  ``metrics`` receives
+        what the helpers count."""
         pool = cls(layout, metrics)
+        share = max(1, -(-workers // max(1, processes)))
         async with trio.open_nursery() as nursery:
             try:
                 for _ in range(processes):
                     try:
-                        await pool._spawn(nursery, (cfg, layout, workers, logging.getLogger().level))
+                        await pool._spawn(nursery, (cfg, layout, share, logging.getLogger().level))
                     except (OSError, trio.BrokenResourceError) as e:
                         # e.g. a process limit: fewer helpers, or none and
                         # every download in-process.
@@ -187,19 +200,24 @@ class FetchPool:
 
     def _answer(self, h: _Helper, frame: tuple[Any, ...]) -> None:
         kind, rid = frame[0], frame[1]
-        if kind in ("snap", "raise"):
+        if kind in ("snap", "raise", "files"):
             self.metrics.add_counts(frame[3])
         p = h.pending.pop(rid, None)
-        if p is None:
-            # Answered after the caller gave up (cancelled): nobody will
-            # commit this temp.
-            if kind == "ok":
-                self._drop(frame[2])
+        if kind == "files":
+            outcomes = [self._outcome(o) for o in frame[2]]  # every temp checked before any is kept
+            if p is None:
+                # Answered after the caller gave up (cancelled): nobody will
+                # commit these temps.
+                for o in outcomes:
+                    if isinstance(o, Verified):
+                        o.tmp.unlink(missing_ok=True)
+                return
+            p.result = outcomes
+            p.done.set()
             return
-        if kind == "ok":
-            tmp, n, digest = frame[2:]
-            p.result = (self._drop(tmp, keep=True), int(n), str(digest))
-        elif kind == "snap":
+        if p is None:
+            return
+        if kind == "snap":
             if not isinstance(frame[2], ProjectSnapshot):
                 raise TypeError("not a project snapshot")
             p.result = frame[2]
@@ -207,30 +225,38 @@ class FetchPool:
             if not isinstance(frame[2], (UpstreamError, UnsafeInput)):
                 raise TypeError(f"not an upstream error: {frame[2]!r:.200}")
             p.error = frame[2]
-        elif kind == "error":
-            wait = frame[4] if len(frame) > 4 and isinstance(frame[4], (int, float)) else None
-            p.error = DownloadError(p.url, frame[2], frame[3], wait=wait)
         elif kind == "disk":
             p.error = DiskError(frame[2])
         else:
             p.error = RuntimeError(f"download process: {frame[2]}")
         p.done.set()
 
-    def _drop(self, tmp: object, *, keep: bool = False) -> Path:
-        """A temp path a helper named, checked to be one of ours; unlinked
-        unless ``keep``."""
-        path = Path(str(tmp))
-        if not self.layout.is_temp(path):
-            raise ValueError(f"not a temp file: {path}")
-        if not keep:
-            path.unlink(missing_ok=True)
-        return path
+    def _outcome(self, o: tuple[Any, ...]) -> Outcome:
+        """One file's outcome as a helper sent it.  A temp path must be one
+        this layout hands out (ValueError otherwise: the helper is not used
+        again)."""
+        if o[0] == "ok":
+            path = Path(str(o[1]))
+            if not self.layout.is_temp(path):
+                raise ValueError(f"not a temp file: {path}")
+            return Verified(path, int(o[2]), str(o[3]))
+        if o[0] == "error":
+            if not isinstance(o[1], DownloadError):
+                raise TypeError(f"not a download error: {o[1]!r:.200}")
+            return o[1]
+        if o[0] == "unsafe":
+            return UnsafeInput(str(o[1]))
+        raise ValueError(f"unknown outcome {o[0]!r:.50}")
 
-    async def attempt(self, url: str, *, sha256: str | None, size: int | None, limit: int | None) -> tuple[Path, int, str]:
-        """One attempt in the least busy helper: ``(temp, size, sha256)`` of
-        a verified temp file.  Raises what ``attempt`` raises, or
-        ``NoWorker``."""
-        result: tuple[Path, int, str] = await self._call(url, "get", url, sha256, size, limit)
+    def busy(self) -> bool:
+        """Is a helper working on a batch of files?"""
+        return any(p.files for h in self.helpers for p in h.pending.values())
+
+    async def fetch_batch(self, jobs: Sequence[FileJob]) -> list[Outcome]:
+        """``Downloader.fetch_file`` for each job, in the least busy helper:
+        an outcome per job, in order.  Raises ``DiskError`` (nothing kept)
+        or ``NoWorker``."""
+        result: list[Outcome] = await self._call(f"{len(jobs)} file(s)", "batch", list(jobs))
         return result
 
     async def page(self, name: str, *, min_serial: int) -> ProjectSnapshot:
@@ -245,7 +271,7 @@ class FetchPool:
             raise NoWorker()
         h = min(live, key=lambda x: len(x.pending))
         rid = next(self._ids)
-        p = h.pending[rid] = _Pending(what)
+        p = h.pending[rid] = _Pending(what, files=kind == "batch")
         assert h.proc.stdin is not None
         try:
             await send_frame(h.proc.stdin, h.lock, (kind, rid, *args))
@@ -261,8 +287,10 @@ class FetchPool:
                         await send_frame(h.proc.stdin, h.lock, ("cancel", rid))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
-            elif kind == "get" and p.result is not None:
-                p.result[0].unlink(missing_ok=True)
+            elif kind == "batch" and p.result is not None:
+                for o in p.result:
+                    if isinstance(o, Verified):
+                        o.tmp.unlink(missing_ok=True)
             raise
         if p.error is not None:
             raise p.error

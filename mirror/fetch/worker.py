@@ -1,13 +1,14 @@
 """A download helper process: ``python -m mirror.fetch.worker``.
 
 Started by ``mirror.fetch.pool.FetchPool``.  It reads its setup (the
-upstream config, the layout, the pool size, the log level) from the first
-frame on stdin, then runs one ``attempt`` per ``get`` frame and answers each
-with a verified temp file under ``state/tmp``, or the reason it failed, and
-one ``Upstream.project_page`` per ``page`` frame, answered with the parsed
-snapshot (or the error) and the page counts it made.  For files the parent
-limits, retries and counts; this process only attempts, and never writes
-anywhere but its temp files.
+upstream config, the layout, its share of ``workers``, the log level) from
+the first frame on stdin.  Each ``batch`` frame (a project's files) runs
+``Downloader.fetch_batch`` here, under this process' own limiter and the
+same retry policy as the main process, and is answered once: a verified
+temp file under ``state/tmp`` or the error, per file.  Each ``page`` frame
+runs one ``Upstream.project_page``, answered with the parsed snapshot (or
+the error).  Every answer carries the counts made for it.  This process
+never writes anywhere but its temp files.
 
 It exits when its stdin closes, which is also what happens when the parent
 is killed, and it ignores SIGINT and SIGTERM: systemd signals the whole
@@ -23,14 +24,16 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import trio
 
 from mirror import __version__, logfmt
 from mirror.errors import DiskError, DownloadError, UnsafeInput, UpstreamError
-from mirror.fetch.attempt import attempt
+from mirror.fetch.attempt import FileJob, Verified, discard
+from mirror.fetch.downloader import Downloader
 from mirror.fetch.pool import FrameReader, send_frame
-from mirror.metrics import PAGE_COUNTERS, Metrics
+from mirror.metrics import HELPER_COUNTERS, Metrics
 from mirror.model import NormalizedName
 from mirror.upstream.client import Upstream
 from mirror.upstream.transport import open_client, open_files
@@ -54,14 +57,13 @@ async def serve() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     scopes: dict[int, trio.CancelScope] = {}
-    # File attempts are counted by the parent; page counts go home with
-    # each page's answer, as the difference since the last one.
+    # Counts go home with each answer, as the difference since the last one.
     metrics = Metrics()
-    shipped = metrics.counts(PAGE_COUNTERS)
+    shipped = metrics.counts(HELPER_COUNTERS)
 
     def counts() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         nonlocal shipped
-        now = metrics.counts(PAGE_COUNTERS)
+        now = metrics.counts(HELPER_COUNTERS)
         delta = {k: v - shipped.get(k, 0.0) for k, v in now.items() if v != shipped.get(k, 0.0)}
         shipped = now
         return delta
@@ -69,6 +71,8 @@ async def serve() -> None:
     files = open_files(cfg, workers=workers, version=__version__)
     client = open_client(cfg, workers=workers, version=__version__)
     upstream = Upstream(client, cfg, metrics=metrics)
+    downloader = Downloader(files, layout.tmp, cfg=cfg, metrics=metrics, limiter=trio.CapacityLimiter(workers),
+                            inline=True)
     try:
 
         async def answer(rid: int, what: str, job: Callable[[], Awaitable[tuple[object, ...]]]) -> None:
@@ -87,18 +91,30 @@ async def serve() -> None:
             try:
                 await send_frame(stdout, out_lock, reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                if reply[0] == "ok":
-                    Path(str(reply[2])).unlink(missing_ok=True)
+                if reply[0] == "files":
+                    for o in cast(list[tuple[object, ...]], reply[2]):
+                        if o[0] == "ok":
+                            discard(Path(str(o[1])))
 
-        async def get(rid: int, url: str, sha256: str | None, size: int | None, limit: int | None) -> tuple[object, ...]:
+        async def batch(rid: int, jobs: list[FileJob]) -> tuple[object, ...]:
             try:
-                v = await attempt(files, url, layout.new_temp(), sha256=sha256, size=size, limit=limit,
-                                  timeout=cfg.timeout, metrics=metrics, inline=True)
-            except DownloadError as e:
-                return ("error", rid, e.reason, e.detail, e.wait)
+                outcomes = await downloader.fetch_batch(jobs)
             except DiskError as e:
                 return ("disk", rid, str(e))
-            return ("ok", rid, str(v.tmp), v.size, v.sha256)
+            except BaseExceptionGroup as eg:
+                disk, rest = eg.split(DiskError)
+                if disk is None or rest is not None:
+                    raise
+                return ("disk", rid, str(disk.exceptions[0]))
+            out: list[tuple[object, ...]] = []
+            for o in outcomes:
+                if isinstance(o, Verified):
+                    out.append(("ok", str(o.tmp), o.size, o.sha256))
+                elif isinstance(o, DownloadError):
+                    out.append(("error", o))
+                else:
+                    out.append(("unsafe", str(o)))
+            return ("files", rid, out, counts())
 
         async def page(rid: int, name: str, min_serial: int) -> tuple[object, ...]:
             try:
@@ -109,8 +125,9 @@ async def serve() -> None:
 
         async with trio.open_nursery() as nursery:
             while (frame := await reader.next()) is not None:
-                if frame[0] == "get":
-                    nursery.start_soon(answer, frame[1], f"download of {frame[2]}", functools.partial(get, *frame[1:]))
+                if frame[0] == "batch":
+                    nursery.start_soon(answer, frame[1], f"download of {len(frame[2])} file(s)",
+                                       functools.partial(batch, *frame[1:]))
                 elif frame[0] == "page":
                     nursery.start_soon(answer, frame[1], f"page {frame[2]}", functools.partial(page, *frame[1:]))
                 elif frame[0] == "cancel" and frame[1] in scopes:

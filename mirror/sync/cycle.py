@@ -136,8 +136,9 @@ class Syncer:
         self.stop_requested = True
 
     def downloads_in_flight(self) -> bool:
-        """Is any download attempt running?  (A backoff sleep holds no token.)"""
-        return self.limiter.borrowed_tokens > 0
+        """Is any download attempt running, here or in a helper?  (A backoff
+        sleep here holds no token.)"""
+        return self.downloader.in_flight()
 
     # -- projects -------------------------------------------------------------
     @asynccontextmanager

@@ -42,6 +42,7 @@ import trio
 from mirror import layout
 from mirror.config import Config
 from mirror.errors import DownloadError, UnsafeInput, UpstreamError
+from mirror.fetch.attempt import FileJob, Outcome, Verified
 from mirror.fetch.downloader import Downloader
 from mirror.metrics import Metrics
 from mirror.model import ProjectSnapshot
@@ -184,77 +185,87 @@ class ProjectSync:
     async def download(self) -> bool:
         """Fetch everything planned; True when nothing failed."""
         tree = self.d.tree
+        self.report.files_planned += len(self.fetches)
         # Left in place by a killed run?  One stat hop for the whole project.
         existing = await trio.to_thread.run_sync(tree.existing, [j.rel for j in self.fetches]) if self.fetches else set()
+        up = self.d.cfg.upstream
         try:
-            async with trio.open_nursery() as nursery:
-                self.report.files_planned += len(self.fetches)
-                for job in self.fetches:
-                    nursery.start_soon(self._fetch_counted, job, job.rel in existing)
+            adopted: set[str] = set()
+            if candidates := [j for j in self.fetches if j.sha256 is not None and j.rel in existing]:
+                # A run killed between rename and state commit left the right
+                # bytes in place: adopt them after a hash check instead of
+                # downloading.
+                async with trio.open_nursery() as nursery:
+                    for job in candidates:
+                        nursery.start_soon(self._adopt, job, adopted)
+            todo = [j for j in self.fetches if j.rel not in adopted]
+            # Only bodies of unknown size are capped (a known size is
+            # enforced exactly): sidecars are documents, cut at the page cap.
+            # Provenance has no hash to hold a download mirror's bytes to:
+            # fetch_file takes it from upstream's index host.
+            outcomes = await self.d.downloader.fetch_batch([
+                FileJob(j.url, j.rel, j.sha256, j.size, up.max_unknown_file_bytes if j.kind == "dist" else up.max_page_bytes)
+                for j in todo
+            ]) if todo else []
+            # From here each temp is this project's until the publisher places it.
+            self.temps += [(o.tmp, j.rel) for j, o in zip(todo, outcomes) if isinstance(o, Verified)]
+            for job, outcome in zip(todo, outcomes):
+                await self._settle(job, outcome)
         except BaseException:
-            # A sibling's disk error, or a stop: a long-running daemon must
-            # not leak verified temps into state/tmp.
+            # A disk error, or a stop: a long-running daemon must not leak
+            # verified temps into state/tmp.
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(tree.discard_all, self.temps)
             self.temps.clear()
             raise
         return not self.errors
 
-    async def _fetch_counted(self, job: planner.Fetch, on_disk: bool) -> None:
-        try:
-            await self._fetch(job, on_disk)
-        finally:
-            self.report.files_done += 1
-            if self.d.progress:
-                self.d.progress("files", self.report.files_done, self.report.files_planned)
-                self.d.progress("bytes", self.report.bytes_downloaded, 0)
+    async def _adopt(self, job: planner.Fetch, adopted: set[str]) -> None:
+        assert job.sha256 is not None
+        size = await trio.to_thread.run_sync(self.d.tree.adopt, job.rel, job.size, job.sha256)
+        if size is not None:
+            adopted.add(job.rel)
+            self.recorded.append((job.rel, size, job.sha256))
+            self.present[job.rel] = (size, job.sha256)
+            self._done()
+
+    def _done(self) -> None:
+        self.report.files_done += 1
+        if self.d.progress:
+            self.d.progress("files", self.report.files_done, self.report.files_planned)
+            self.d.progress("bytes", self.report.bytes_downloaded, 0)
 
     def _refuse(self, job: planner.Fetch, e: UnsafeInput) -> None:
         self.d.metrics.rejected.labels("path").inc()
         log.warning("%s: refused to write %s: %s", self.name, job.rel, e)
         self.errors.append(f"{job.filename}: unsafe path")
 
-    async def _fetch(self, job: planner.Fetch, on_disk: bool) -> None:
-        tree, up = self.d.tree, self.d.cfg.upstream
-        # A run killed between rename and state commit left the right bytes
-        # in place: adopt them after a hash check instead of downloading.
-        if job.sha256 is not None and on_disk:
-            size = await trio.to_thread.run_sync(tree.adopt, job.rel, job.size, job.sha256)
-            if size is not None:
-                self.recorded.append((job.rel, size, job.sha256))
-                self.present[job.rel] = (size, job.sha256)
-                return
-        # Only bodies of unknown size are capped (a known size is enforced
-        # exactly): sidecars are documents, cut at the page cap.
-        limit = up.max_unknown_file_bytes if job.kind == "dist" else up.max_page_bytes
+    async def _settle(self, job: planner.Fetch, outcome: Outcome) -> None:
+        """Take one file's outcome: a verified temp is recorded (provenance
+        only if it is JSON), an error noted."""
         try:
-            # Provenance has no hash to hold a download mirror's bytes to:
-            # fetch_file takes it from upstream's index host.
-            v = await self.d.downloader.fetch_file(job.url, job.rel, sha256=job.sha256, size=job.size, limit=limit)
-        except UnsafeInput as e:
-            self._refuse(job, e)
-            return
-        except DownloadError as e:
-            if job.kind != "dist" and e.reason == "http_status" and e.detail in ("HTTP 404", "HTTP 410"):
-                # A missing sidecar is simply not advertised.
-                log.info("%s: %s not available upstream (%s)", self.name, job.filename, e.detail)
-                return
-            log.warning("%s: %s failed: %s", self.name, job.filename, e)
-            self.errors.append(f"{job.filename}: {e.reason}")
-            return
-        # From here the temp is this project's until the publisher places it.
-        self.temps.append((v.tmp, job.rel))
-        if job.kind == "provenance" and not await trio.to_thread.run_sync(_is_json_file, v.tmp):
-            self.d.metrics.rejected.labels("malformed").inc()
-            log.warning("%s: provenance for %s is not valid JSON; not mirrored", self.name, job.filename[:-11])
-            self.temps.remove((v.tmp, job.rel))
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(tree.discard, v.tmp)
-            return
-        self.recorded.append((job.rel, v.size, v.sha256))
-        self.present[job.rel] = (v.size, v.sha256)
-        self.report.files_downloaded += 1
-        self.report.bytes_downloaded += v.size
+            if isinstance(outcome, UnsafeInput):
+                self._refuse(job, outcome)
+            elif isinstance(outcome, DownloadError):
+                if job.kind != "dist" and outcome.reason == "http_status" and outcome.detail in ("HTTP 404", "HTTP 410"):
+                    # A missing sidecar is simply not advertised.
+                    log.info("%s: %s not available upstream (%s)", self.name, job.filename, outcome.detail)
+                else:
+                    log.warning("%s: %s failed: %s", self.name, job.filename, outcome)
+                    self.errors.append(f"{job.filename}: {outcome.reason}")
+            elif job.kind == "provenance" and not await trio.to_thread.run_sync(_is_json_file, outcome.tmp):
+                self.d.metrics.rejected.labels("malformed").inc()
+                log.warning("%s: provenance for %s is not valid JSON; not mirrored", self.name, job.filename[:-11])
+                self.temps.remove((outcome.tmp, job.rel))
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.d.tree.discard, outcome.tmp)
+            else:
+                self.recorded.append((job.rel, outcome.size, outcome.sha256))
+                self.present[job.rel] = (outcome.size, outcome.sha256)
+                self.report.files_downloaded += 1
+                self.report.bytes_downloaded += outcome.size
+        finally:
+            self._done()
 
     # -- 3 ------------------------------------------------------------------------
     async def prepare_pages(self) -> None:
