@@ -24,7 +24,7 @@ from mirror.config import UpstreamConfig, default_download_processes
 from mirror.fetch.attempt import FileJob, Outcome, Verified
 from mirror.fetch.downloader import Downloader
 from mirror.errors import ProjectNotFound, StalePage, DownloadError
-from mirror.fetch.pool import FetchPool, NoWorker
+from mirror.fetch.pool import FetchPool, NoWorker, prefer_here
 from mirror.metrics import Metrics
 from mirror.sync.cycle import POOL_MIN_PROJECTS, Syncer
 from mirror.publish.tree import FileTree, Tree
@@ -125,6 +125,7 @@ async def test_a_helper_fetches_and_parses_pages_and_counts_them_at_home(tmp_pat
             here = await Upstream(client, cfg, metrics=Metrics()).project_page(NormalizedName("alpha"), min_serial=0)
             there = await pool.page("alpha", min_serial=0)
             assert there == here and there.files
+            assert pool.helpers[0].cpu > 0  # what it has used so far came with the answer
             assert count("mirror_upstream_requests_total", kind="page") == 1
             with pytest.raises(ProjectNotFound):
                 await pool.page("no-such-project", min_serial=0)
@@ -231,6 +232,13 @@ async def test_faults_through_helpers_end_in_a_complete_mirror(kind: str, tmp_pa
         assert requests >= downloaded
 
 
+def test_pages_go_where_less_cpu_has_gone() -> None:
+    assert prefer_here(5.0, []) is True  # no helper left
+    assert prefer_here(1.0, [2.0, 0.5]) is True  # at or below the helpers' average
+    assert prefer_here(1.25, [2.0, 0.5]) is True
+    assert prefer_here(1.3, [2.0, 0.5]) is False
+
+
 def test_default_leaves_one_cpu_to_the_main_process() -> None:
     cpus = len(os.sched_getaffinity(0))
     assert default_download_processes() == max(0, min(4, cpus - 1))
@@ -291,8 +299,8 @@ async def test_a_temp_path_outside_state_tmp_is_never_taken_from_a_helper(tmp_pa
     victim.write_bytes(b"x")
     with FakePyPI(seed=1) as up:
         async with FetchPool.open(_upcfg(up.url), Layout(tmp_path), processes=1, workers=4, metrics=Metrics()) as pool:
-            for frame in [("files", 10**9, [("ok", str(victim), 1, "0" * 64)], {}),
-                          ("files", 10**9, [("ok", "/etc/passwd", 1, "0" * 64)], {})]:
+            for frame in [("files", 10**9, [("ok", str(victim), 1, "0" * 64)], {}, 1.0),
+                          ("files", 10**9, [("ok", "/etc/passwd", 1, "0" * 64)], {}, 1.0)]:
                 with pytest.raises(ValueError):
                     pool._answer(pool.helpers[0], frame)
     assert victim.read_bytes() == b"x"

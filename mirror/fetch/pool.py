@@ -24,16 +24,20 @@ process more CPU than the rest of a file's work there.
 
 The counts a helper made for an answer (requests, errors, stale and refused
 pages, files and bytes downloaded) travel with it and are added to the
-parent's metrics.
+parent's metrics, and so does the CPU time the helper has used.  The parent
+fetches a page itself while it has used less CPU than the helpers on
+average, else hands it to one (``page_here``): how much a project's files
+cost against its page differs from one index to the next, and this keeps
+every process equally busy without a tuned ratio.
 
 Protocol: length-prefixed pickle frames on the helper's stdin/stdout
 (``send_frame`` and ``FrameReader`` serve both ends).  The first frame is the
 setup.  Then ``("batch", id, [FileJob, ...])``, ``("page", id, name,
 min_serial)`` and ``("cancel", id)`` go in; ``("files", id, outcomes,
-counts)`` with an outcome per job (``("ok", tmp, size, sha256)``,
+counts, cpu)`` with an outcome per job (``("ok", tmp, size, sha256)``,
 ``("error", DownloadError)`` or ``("unsafe", message)``),
-``("snap", id, snapshot, counts)``, ``("raise", id, error, counts)`` and
-``("disk", id, message)`` come out.  A helper exits when its stdin closes,
+``("snap", id, snapshot, counts, cpu)``, ``("raise", id, error, counts,
+cpu)`` and ``("disk", id, message)`` come out.  A helper exits when its stdin closes,
 which is also what happens when the parent is killed; it ignores SIGINT
 and SIGTERM so that a stop signal sent to the whole process group lets the
 parent finish its in-flight work as usual.
@@ -47,6 +51,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -67,6 +72,12 @@ log = logging.getLogger(__name__)
 HEADER = 4
 # How long a closing pool waits for its helpers to exit before killing them.
 EXIT_GRACE = 5.0
+
+
+def prefer_here(own_cpu: float, helper_cpu: Sequence[float]) -> bool:
+    """Work goes to this process while it has used no more CPU than the
+    helpers on average (all of it, with no helper left)."""
+    return not helper_cpu or own_cpu <= sum(helper_cpu) / len(helper_cpu)
 
 
 class NoWorker(Exception):
@@ -119,6 +130,7 @@ class _Helper:
     lock: trio.Lock = field(default_factory=trio.Lock)
     pending: dict[int, _Pending] = field(default_factory=dict)
     alive: bool = True
+    cpu: float = 0.0  # seconds of CPU it has used, as of its last answer
 
 
 class FetchPool:
@@ -130,6 +142,7 @@ class FetchPool:
         self.metrics = metrics
         self.helpers: list[_Helper] = []
         self._ids = itertools.count()
+        self._cpu0 = time.process_time()
 
     @classmethod
     @asynccontextmanager
@@ -202,6 +215,7 @@ class FetchPool:
         kind, rid = frame[0], frame[1]
         if kind in ("snap", "raise", "files"):
             self.metrics.add_counts(frame[3])
+            h.cpu = float(frame[4])
         p = h.pending.pop(rid, None)
         if kind == "files":
             outcomes = [self._outcome(o) for o in frame[2]]  # every temp checked before any is kept
@@ -247,6 +261,10 @@ class FetchPool:
         if o[0] == "unsafe":
             return UnsafeInput(str(o[1]))
         raise ValueError(f"unknown outcome {o[0]!r:.50}")
+
+    def page_here(self) -> bool:
+        """Should this process fetch the next project page itself?"""
+        return prefer_here(time.process_time() - self._cpu0, [h.cpu for h in self.helpers if h.alive])
 
     def busy(self) -> bool:
         """Is a helper working on a batch of files?"""

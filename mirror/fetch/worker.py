@@ -7,7 +7,8 @@ the first frame on stdin.  Each ``batch`` frame (a project's files) runs
 same retry policy as the main process, and is answered once: a verified
 temp file under ``state/tmp`` or the error, per file.  Each ``page`` frame
 runs one ``Upstream.project_page``, answered with the parsed snapshot (or
-the error).  Every answer carries the counts made for it.  This process
+the error).  Every answer carries the counts made for it, and the CPU
+time this process has used (the parent balances the pages on it).  This process
 never writes anywhere but its temp files.
 
 It exits when its stdin closes, which is also what happens when the parent
@@ -22,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
@@ -114,14 +116,14 @@ async def serve() -> None:
                     out.append(("error", o))
                 else:
                     out.append(("unsafe", str(o)))
-            return ("files", rid, out, counts())
+            return ("files", rid, out, counts(), time.process_time())
 
         async def page(rid: int, name: str, min_serial: int) -> tuple[object, ...]:
             try:
                 snap = await upstream.project_page(NormalizedName(name), min_serial=min_serial)
             except (UpstreamError, UnsafeInput) as e:
-                return ("raise", rid, e, counts())
-            return ("snap", rid, snap, counts())
+                return ("raise", rid, e, counts(), time.process_time())
+            return ("snap", rid, snap, counts(), time.process_time())
 
         async with trio.open_nursery() as nursery:
             while (frame := await reader.next()) is not None:

@@ -129,7 +129,6 @@ class Syncer:
         self.publisher = Publisher(self.deps, CycleReport())
         # Projects of the running cycle not finished yet.
         self.pending = 0
-        self._pages = 0
 
     def request_stop(self) -> None:
         """Start no new project; those in flight finish (the daemon's SIGTERM)."""
@@ -287,12 +286,11 @@ class Syncer:
             self._defer(name, str(e), report)
 
     async def _project_page(self, name: NormalizedName, promised: Serial) -> ProjectSnapshot:
-        """The page, fetched and parsed here or by a helper process: with N
-        helpers, this process takes one page in N + 1 (it also plans,
-        renders and publishes), the helpers the rest."""
+        """The page, fetched and parsed here or by a helper process, whichever
+        has used less CPU so far (``FetchPool.page_here``): this process
+        also plans, renders and publishes, the helpers download."""
         pool = self.downloader.pool
-        self._pages += 1
-        if pool is not None and self._pages % (len(pool.helpers) + 1):
+        if pool is not None and not pool.page_here():
             try:
                 return await pool.page(name, min_serial=promised)
             except NoWorker:
