@@ -22,8 +22,9 @@ its own limiter), and one frame answers with an outcome per file: a
 verified temp, or the error.  A frame per file each way cost the main
 process more CPU than the rest of a file's work there.
 
-The counts a helper made for an answer (requests, errors, stale and refused
-pages, files and bytes downloaded) travel with it and are added to the
+The counts a helper made (requests, errors, stale and refused pages, files
+and bytes downloaded) travel with its answers (all of them by its last
+answer before it goes idle; ``mirror.fetch.worker``) and are added to the
 parent's metrics, and so does the CPU time the helper has used.  The parent
 fetches a page itself while it has used less CPU than the helpers on
 average, else hands it to one (``page_here``): how much a project's files
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import pickle
 import subprocess
@@ -72,6 +74,8 @@ log = logging.getLogger(__name__)
 HEADER = 4
 # How long a closing pool waits for its helpers to exit before killing them.
 EXIT_GRACE = 5.0
+# How often the pages' destination is decided again (``page_here``).
+CPU_RECHECK = 0.05
 
 
 def prefer_here(own_cpu: float, helper_cpu: Sequence[float]) -> bool:
@@ -143,6 +147,8 @@ class FetchPool:
         self.helpers: list[_Helper] = []
         self._ids = itertools.count()
         self._cpu0 = time.process_time()
+        self._recheck = -math.inf
+        self._here = True
 
     @classmethod
     @asynccontextmanager
@@ -263,8 +269,14 @@ class FetchPool:
         raise ValueError(f"unknown outcome {o[0]!r:.50}")
 
     def page_here(self) -> bool:
-        """Should this process fetch the next project page itself?"""
-        return prefer_here(time.process_time() - self._cpu0, [h.cpu for h in self.helpers if h.alive])
+        """Should this process fetch the next project page itself?  (Asked
+        again every ``CPU_RECHECK`` seconds: reading this process' CPU time
+        sums every thread's, a cost that showed per page.)"""
+        now = trio.current_time()
+        if now >= self._recheck:
+            self._recheck = now + CPU_RECHECK
+            self._here = prefer_here(time.process_time() - self._cpu0, [h.cpu for h in self.helpers if h.alive])
+        return self._here
 
     def busy(self) -> bool:
         """Is a helper working on a batch of files?"""

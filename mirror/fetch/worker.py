@@ -7,8 +7,9 @@ the first frame on stdin.  Each ``batch`` frame (a project's files) runs
 same retry policy as the main process, and is answered once: a verified
 temp file under ``state/tmp`` or the error, per file.  Each ``page`` frame
 runs one ``Upstream.project_page``, answered with the parsed snapshot (or
-the error).  Every answer carries the counts made for it, and the CPU
-time this process has used (the parent balances the pages on it).  This process
+the error).  The answers carry the counts made since the last shipment
+(see ``counts``), and the CPU time this process has used (the parent
+balances the pages on it).  This process
 never writes anywhere but its temp files.
 
 It exits when its stdin closes, which is also what happens when the parent
@@ -42,6 +43,9 @@ from mirror.upstream.transport import open_client, open_files
 
 log = logging.getLogger(__name__)
 
+# Seconds between two shipments of counts while other jobs are in flight.
+COUNTS_EVERY = 0.25
+
 
 async def serve() -> None:
     stdin = trio.lowlevel.FdStream(os.dup(0))
@@ -59,12 +63,20 @@ async def serve() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     scopes: dict[int, trio.CancelScope] = {}
-    # Counts go home with each answer, as the difference since the last one.
+    # Counts go home with the answers, as the difference since the last
+    # shipment: with every answer that leaves nothing else in flight (so the
+    # parent has them all when it stops asking), and otherwise at most every
+    # COUNTS_EVERY seconds (reading every counter cost a tenth of this
+    # process' CPU when done for every answer).
     metrics = Metrics()
     shipped = metrics.counts(HELPER_COUNTERS)
+    shipped_at = trio.current_time()
 
     def counts() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        nonlocal shipped
+        nonlocal shipped, shipped_at
+        if len(scopes) > 1 and trio.current_time() - shipped_at < COUNTS_EVERY:
+            return {}
+        shipped_at = trio.current_time()
         now = metrics.counts(HELPER_COUNTERS)
         delta = {k: v - shipped.get(k, 0.0) for k, v in now.items() if v != shipped.get(k, 0.0)}
         shipped = now
