@@ -139,14 +139,15 @@ def run_traced(conf: Path, directory: Path, out: Path, *, mode: str = "ok") -> l
 def two_cycles(up: FakePyPI, tmp_path: Path, *, mode: str = "ok") -> tuple[Layout, Model]:
     populate(up, 6, seed=4)
     if mode == "broken":
-        # One project's files arrive a second after the others', so they
-        # are written after every earlier batch's barrier: the broken
+        # One project's files arrive three seconds after the others', so
+        # they are written after every other batch's barrier: the broken
         # publisher's early page then always has a window in which its
-        # files are not durable yet (without this, on a fast run, an
-        # earlier batch's syncfs can happen to cover them).
+        # files are not durable yet (without this, an other batch's syncfs
+        # can happen to cover them: with one second, a fresh-clone CI run on
+        # a loaded machine once found no such window).
         last = up.project_names()[-1]
         for filename in up.filenames(last):
-            up.add_fault("slow", match=filename, delay=1.0)
+            up.add_fault("slow", match=filename, delay=3.0)
     directory = tmp_path / "m"
     conf = write_config(tmp_path / "mirror.toml", up.url, directory,
                         mirror={"workers": 4, "download_processes": 1, "retire_after": 0})
