@@ -9,8 +9,8 @@ temp file under ``state/tmp`` or the error, per file.  Each ``page`` frame
 runs one ``Upstream.project_page``, answered with the parsed snapshot (or
 the error).  The answers carry the counts made since the last shipment
 (see ``counts``), and the CPU time this process has used (the parent
-balances the pages on it).  This process
-never writes anywhere but its temp files.
+balances the pages on it).  This process never writes anywhere but its
+temp files.
 
 It exits when its stdin closes, which is also what happens when the parent
 is killed, and it ignores SIGINT and SIGTERM: systemd signals the whole
